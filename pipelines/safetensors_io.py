@@ -41,7 +41,7 @@ class SafetensorsHeader:
 
 def _refuse_foreign_file(path: str, head: bytes) -> None:
     name = os.path.basename(path)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
         raise UnsupportedFormatError(
             f"{name} is a pickle checkpoint (.ckpt/.pt/.bin). flux2kit never unpickles files, "
             "because a pickle can run code when it is opened. Download the .safetensors version "
@@ -64,11 +64,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise Flux2KitError(f"{path} is a folder, not a .safetensors file.")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        _refuse_foreign_file(path, head)
-        if len(head) < 8:
+        head = f.read(9)
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        if not (head[8:9] == b"{" and 0 < header_len <= _MAX_HEADER_BYTES):
+            _refuse_foreign_file(path, head)
+        if len(head) < 9:
             raise Flux2KitError(f"{name} is empty or truncated ({size} bytes). Download it again.")
-        (header_len,) = struct.unpack("<Q", head)
+        f.seek(8)
         if header_len == 0 or header_len > min(_MAX_HEADER_BYTES, size - 8):
             if header_len > size - 8 and header_len <= _MAX_HEADER_BYTES:
                 raise Flux2KitError(f"{name} is truncated (the download did not finish). Download it again.")

@@ -1,0 +1,379 @@
+"""FLUX.2 transformer checkpoints: which layout a file is in, how it is quantized, and how its names map
+to diffusers' ``Flux2Transformer2DModel``.
+
+Layouts seen in the wild (all detected from the safetensors header, never from file names):
+
+- BFL single file (``double_blocks.N.img_attn.qkv`` ...), with or without ``model.diffusion_model.``;
+  bf16, or FP8 with BFL's per-row ``weight_scale`` (``fp8r``).
+- ComfyUI FP8 ("fp8mixed"): BFL names; quantized layers carry ``weight`` (fp8), ``weight_scale``
+  (scalar), optional ``input_scale`` and a ``comfy_quant`` JSON tensor, or the header entry
+  ``_quantization_metadata`` lists them. Untagged layers are bf16.
+- ComfyUI legacy ``scaled_fp8``: a ``scaled_fp8`` marker plus ``scale_weight`` / ``scale_input``.
+- diffusers folders (``transformer/config.json`` + ``diffusion_pytorch_model*.safetensors``) and
+  diffusers-named single files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import Flux2KitError, UnsupportedFormatError
+from .safetensors_io import TensorFile, safetensors_files_in
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
+_BFL_ANCHOR = "double_stream_modulation_img.lin.weight"
+_DIFFUSERS_ANCHOR = "double_stream_modulation_img.linear.weight"
+_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_SIDE_TENSORS = ("weight_scale", "input_scale", "scale_weight", "scale_input", "comfy_quant")
+
+VARIANTS = {  # (inner dim, text width) -> variant, from the model family table
+    (6144, 15360): "dev",
+    (3072, 7680): "klein-4b",
+    (4096, 12288): "klein-9b",
+}
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one linear layer's weight is stored."""
+
+    dtype: torch.dtype  # float8_e4m3fn or float8_e5m2
+    per_row: bool  # BFL fp8r: one scale per output row
+    has_scale: bool  # False for plain FP8 casts (scale 1.0)
+    has_input_scale: bool
+
+
+@dataclass
+class TransformerCheckpoint:
+    """Everything the header says about a transformer checkpoint; no weights loaded."""
+
+    files: TensorFile
+    layout: str  # "bfl" | "diffusers"
+    quantization: str  # "none" | "comfy-fp8" | "comfy-scaled-fp8" | "bfl-fp8r" | "fp8-unscaled"
+    prefix: str
+    config: dict
+    variant: str  # "dev" | "klein-4b" | "klein-9b" | "custom"
+    layers: dict[str, LayerQuant] = field(default_factory=dict)  # source layer name -> storage
+    source: str = ""
+
+    @property
+    def description(self) -> str:
+        q = {"none": "bf16/fp32", "comfy-fp8": "ComfyUI FP8", "comfy-scaled-fp8": "ComfyUI scaled FP8 (legacy)",
+             "bfl-fp8r": "BFL FP8 (per-row scales)", "fp8-unscaled": "FP8 (unscaled)"}[self.quantization]
+        c = self.config
+        return (f"FLUX.2 [{self.variant}] transformer, {self.layout} layout, {q}, "
+                f"{c['num_layers']} double + {c['num_single_layers']} single blocks, "
+                f"width {c['num_attention_heads'] * c['attention_head_dim']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection
+
+
+def _foreign_model_error(name: str, keys: list[str]) -> Flux2KitError:
+    joined = "\n".join(keys[:4000])
+    hint = "Put a FLUX.2 transformer here (e.g. flux2_dev_fp8mixed.safetensors in models/diffusion_models)."
+    if "img_mod.lin.weight" in joined or "vector_in.in_layer" in joined or "x_embedder.proj" in joined:
+        what = "a FLUX.1 checkpoint"
+    elif "input_blocks." in joined or "conditioner.embedders" in joined or "down_blocks.0.attentions" in joined:
+        what = "a Stable Diffusion / SDXL checkpoint"
+    elif "decoder.conv_in" in joined or "decoder.up" in joined or "encoder.down" in joined:
+        what = "a VAE"
+        hint = "Load it with the VAE loader; the transformer slot needs a FLUX.2 diffusion model."
+    elif "embed_tokens" in joined or ".self_attn.q_proj" in joined:
+        what = "a text encoder"
+        hint = "Load it with the text encoder loader; the transformer slot needs a FLUX.2 diffusion model."
+    else:
+        what = "not a FLUX.2 transformer"
+        return Flux2KitError(f"{name} is {what}. {hint}")
+    return Flux2KitError(f"{name} is {what}, not a FLUX.2 transformer. {hint}")
+
+
+def _find_prefix(keys: list[str], anchor: str) -> str | None:
+    for k in keys:
+        if k.endswith(anchor):
+            prefix = k[: -len(anchor)]
+            if prefix == "" or prefix in _PREFIXES:
+                return prefix
+    return None
+
+
+def _read_json_tensor(files: TensorFile, key: str) -> dict:
+    raw = files.get(key)
+    try:
+        return json.loads(raw.numpy().tobytes())
+    except (ValueError, UnicodeDecodeError):
+        raise Flux2KitError(f"{files.name}: {key} is not valid JSON; the file is damaged.") from None
+
+
+def _refuse_quant_format(name: str, fmt: str, layer: str) -> None:
+    if fmt not in _FP8_FORMATS:
+        raise UnsupportedFormatError(
+            f"{name} uses ComfyUI's '{fmt}' quantization (layer {layer}), which flux2kit does not support yet. "
+            "Use the FP8 (fp8mixed / float8_e4m3fn) or bf16 file of this model."
+        )
+
+
+def _scan_quantization(files: TensorFile, prefix: str) -> tuple[str, dict[str, LayerQuant]]:
+    """Find quantized layers (names without prefix) and the file's quantization scheme."""
+    keys = set(files.keys())
+    meta = files.metadata
+    strip = (lambda k: k[len(prefix):] if k.startswith(prefix) else k)
+    formats: dict[str, str] = {}
+    scheme = None
+    if "_quantization_metadata" in meta:
+        try:
+            layers = json.loads(meta["_quantization_metadata"]).get("layers", {})
+        except (ValueError, AttributeError):
+            raise Flux2KitError(f"{files.name}: _quantization_metadata is not valid JSON; the file is damaged.") from None
+        formats = {strip(k): v.get("format", "") for k, v in layers.items()}
+        scheme = "comfy-fp8"
+    for k in keys:
+        if k.endswith(".comfy_quant"):
+            formats[strip(k[: -len(".comfy_quant")])] = _read_json_tensor(files, k).get("format", "")
+            scheme = "comfy-fp8"
+    legacy = any(k.endswith("scaled_fp8") for k in keys)
+    if legacy and scheme is None:
+        scheme = "comfy-scaled-fp8"
+        for k in keys:
+            if k.endswith(".scale_weight"):
+                formats[strip(k[: -len(".scale_weight")])] = "float8_e4m3fn"
+    if any(k.endswith(".weight_scale_2") for k in keys) and scheme is None:
+        raise UnsupportedFormatError(
+            f"{files.name} is an NVFP4 checkpoint, which flux2kit does not support yet. "
+            "Use the FP8 (fp8mixed) or bf16 file of this model."
+        )
+    for layer, fmt in formats.items():
+        _refuse_quant_format(files.name, fmt, layer)
+
+    out: dict[str, LayerQuant] = {}
+    for k, info in files.items_info():
+        if not k.endswith(".weight") or k.endswith("scaled_fp8"):
+            continue
+        layer = strip(k[: -len(".weight")])
+        fmt = formats.get(layer)
+        if fmt is None and not info.is_fp8:
+            continue
+        full = prefix + layer if k.startswith(prefix) else layer
+        scale_key = next((f"{full}.{s}" for s in ("weight_scale", "scale_weight") if f"{full}.{s}" in keys), None)
+        per_row = scale_key is not None and len(files.info(scale_key).shape) == 1 and files.info(scale_key).shape[0] > 1
+        dtype = _FP8_FORMATS[fmt] if fmt else (torch.float8_e5m2 if info.dtype == "F8_E5M2" else torch.float8_e4m3fn)
+        # Legacy scale_input is ignored, as ComfyUI does: dynamic activation scaling is always correct.
+        input_key = f"{full}.input_scale" if f"{full}.input_scale" in keys else None
+        out[layer] = LayerQuant(dtype=dtype, per_row=per_row, has_scale=scale_key is not None,
+                                has_input_scale=input_key is not None)
+    if not out:
+        return "none", out
+    if scheme is None:
+        if any(q.per_row for q in out.values()):
+            scheme = "bfl-fp8r"
+        elif any(q.has_scale for q in out.values()):
+            scheme = "comfy-fp8"
+        else:
+            scheme = "fp8-unscaled"
+    return scheme, out
+
+
+def _count_blocks(keys: list[str], pattern: str) -> int:
+    ids = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(ids) + 1 if ids else 0
+
+
+def _config_from_bfl_shapes(files: TensorFile, prefix: str) -> dict:
+    shape = lambda k: files.info(prefix + k).shape  # noqa: E731
+    keys = [k[len(prefix):] for k in files.keys() if k.startswith(prefix)]
+    inner, in_channels = shape("img_in.weight")
+    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    return dict(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=shape("final_layer.linear.weight")[0],
+        num_layers=_count_blocks(keys, r"double_blocks\.(\d+)\."),
+        num_single_layers=_count_blocks(keys, r"single_blocks\.(\d+)\."),
+        attention_head_dim=head_dim,
+        num_attention_heads=inner // head_dim,
+        joint_attention_dim=shape("txt_in.weight")[1],
+        timestep_guidance_channels=shape("time_in.in_layer.weight")[1],
+        mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / 2 / inner,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        rope_theta=2000,
+        eps=1e-6,
+        guidance_embeds="guidance_in.in_layer.weight" in keys,
+    )
+
+
+def _config_from_diffusers_shapes(files: TensorFile, prefix: str) -> dict:
+    shape = lambda k: files.info(prefix + k).shape  # noqa: E731
+    keys = [k[len(prefix):] for k in files.keys() if k.startswith(prefix)]
+    inner, in_channels = shape("x_embedder.weight")
+    head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
+    return dict(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=shape("proj_out.weight")[0],
+        num_layers=_count_blocks(keys, r"transformer_blocks\.(\d+)\."),
+        num_single_layers=_count_blocks(keys, r"single_transformer_blocks\.(\d+)\."),
+        attention_head_dim=head_dim,
+        num_attention_heads=inner // head_dim,
+        joint_attention_dim=shape("context_embedder.weight")[1],
+        timestep_guidance_channels=shape("time_guidance_embed.timestep_embedder.linear_1.weight")[1],
+        mlp_ratio=shape("transformer_blocks.0.ff.linear_in.weight")[0] / 2 / inner,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        rope_theta=2000,
+        eps=1e-6,
+        guidance_embeds="time_guidance_embed.guidance_embedder.linear_1.weight" in keys,
+    )
+
+
+def _diffusers_folder_files(path: str) -> tuple[list[str], dict]:
+    folder = path
+    if os.path.isdir(os.path.join(path, "transformer")):
+        folder = os.path.join(path, "transformer")
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise Flux2KitError(
+            f"{path} is a folder without a transformer config.json. Give a diffusers FLUX.2 folder "
+            "(containing transformer/) or a single .safetensors checkpoint."
+        )
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cls = cfg.get("_class_name", "")
+    if cls and cls != "Flux2Transformer2DModel":
+        raise Flux2KitError(
+            f"{folder} holds a {cls}, not a FLUX.2 transformer (Flux2Transformer2DModel). "
+            "Point the loader at a FLUX.2 model folder."
+        )
+    return safetensors_files_in(folder, "diffusion_pytorch_model"), cfg
+
+
+def inspect_transformer(path: str | os.PathLike) -> TransformerCheckpoint:
+    """Identify a FLUX.2 transformer checkpoint (file or diffusers folder) from its header alone."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise Flux2KitError(f"Transformer not found: {path}. Check the path or put the file in models/diffusion_models.")
+    if os.path.isdir(path):
+        paths, _ = _diffusers_folder_files(path)
+        files = TensorFile.open(paths)
+    else:
+        files = TensorFile.open(path)
+    keys = files.keys()
+
+    prefix = _find_prefix(keys, _BFL_ANCHOR)
+    if prefix is not None:
+        layout, config = "bfl", _config_from_bfl_shapes(files, prefix)
+    else:
+        prefix = _find_prefix(keys, _DIFFUSERS_ANCHOR)
+        if prefix is None:
+            raise _foreign_model_error(os.path.basename(path.rstrip("/")), keys)
+        layout, config = "diffusers", _config_from_diffusers_shapes(files, prefix)
+
+    quantization, layers = _scan_quantization(files, prefix)
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    variant = VARIANTS.get((inner, config["joint_attention_dim"]), "custom")
+    if variant.startswith("klein") or (variant == "custom" and not config["guidance_embeds"]):
+        raise UnsupportedFormatError(
+            f"{files.name} is a FLUX.2 [klein] transformer (no guidance embedding). [klein] support comes in a "
+            "later flux2kit version; use a FLUX.2 [dev] checkpoint for now."
+        )
+    return TransformerCheckpoint(files=files, layout=layout, quantization=quantization, prefix=prefix,
+                                 config=config, variant=variant, layers=layers, source=path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Name mapping BFL -> diffusers (a pure function of the key; mirrors diffusers'
+# convert_flux2_transformer_checkpoint_to_diffusers, streaming one tensor at a time)
+
+_RENAME = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+_DOUBLE = {
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "img_attn.proj": "attn.to_out.0",
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+    "txt_attn.proj": "attn.to_add_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+_QKV = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_SINGLE = {
+    "linear1": "attn.to_qkv_mlp_proj",
+    "linear2": "attn.to_out",
+    "norm.query_norm": "attn.norm_q",
+    "norm.key_norm": "attn.norm_k",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One diffusers tensor made from a source tensor: ``op`` is None, ("chunk", i, n) or ("swap",)."""
+
+    module: str
+    param: str
+    op: tuple | None = None
+
+
+def map_bfl_key(key: str) -> list[Target]:
+    """Diffusers targets of one BFL tensor name (without prefix); [] for tensors with no model slot."""
+    module, _, param = key.rpartition(".")
+    if param == "scale":  # RMSNorm weights are called scale in BFL's code
+        param = "weight"
+    if param in ("scale_weight", "scale_input"):  # legacy scaled_fp8 names
+        param = {"scale_weight": "weight_scale", "scale_input": "input_scale"}[param]
+    if module in _RENAME:
+        op = ("swap",) if module == "final_layer.adaLN_modulation.1" else None
+        return [Target(_RENAME[module], param, op)]
+    m = re.match(r"(double|single)_blocks\.(\d+)\.(.+)$", module)
+    if m is None:
+        return []
+    kind, idx, inner = m.groups()
+    if kind == "double":
+        if inner in _QKV:
+            return [Target(f"transformer_blocks.{idx}.{name}", param, ("chunk", i, 3))
+                    for i, name in enumerate(_QKV[inner])]
+        new = _DOUBLE.get(inner)
+        return [Target(f"transformer_blocks.{idx}.{new}", param)] if new else []
+    new = _SINGLE.get(inner)
+    return [Target(f"single_transformer_blocks.{idx}.{new}", param)] if new else []
+
+
+def map_diffusers_key(key: str) -> list[Target]:
+    module, _, param = key.rpartition(".")
+    return [Target(module, param)]
+
+
+def apply_op(tensor: torch.Tensor, op: tuple | None) -> torch.Tensor:
+    """Apply a mapping op; scalar scales are shared by every part of a split layer."""
+    if op is None or tensor.numel() == 1:
+        return tensor
+    if op[0] == "chunk":
+        return tensor.chunk(op[2], dim=0)[op[1]]
+    if op[0] == "swap":  # BFL stores shift|scale, diffusers' AdaLayerNormContinuous wants scale|shift
+        shift, scale = tensor.chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+    raise ValueError(f"unknown op {op}")
+
+
+def is_side_tensor(param: str) -> bool:
+    return param in _SIDE_TENSORS
