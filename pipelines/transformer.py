@@ -26,7 +26,7 @@ from .checkpoint_formats import (
     map_diffusers_key,
 )
 from .devices import default_device, default_dtype
-from .errors import Flux2KitError
+from .errors import Flux2KitError, forget_locals
 from .fp8 import FP8Linear, dequantize_weight
 from .offload import BlockOffload
 
@@ -246,9 +246,10 @@ def load_transformer(
             model=model, checkpoint=ckpt.description, source=os.fspath(path), variant=ckpt.variant,
             quantization=ckpt.quantization if weights == "as_stored" else "none", device=device, dtype=dtype,
             offload=offload)
-    except BaseException:
-        # Nothing half-loaded stays in memory after a failure.
+    except BaseException as exc:
+        # Nothing half-loaded stays in memory after a failure, not even through the traceback.
         del model
+        forget_locals(exc)
         gc.collect()
         raise
     finally:
