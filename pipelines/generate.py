@@ -1,0 +1,88 @@
+"""Text (and references) to image, the stages in the order they run:
+check inputs -> encode prompt -> encode references -> noise -> denoise -> decode.
+
+Each stage is usable on its own (the ComfyUI nodes call them one by one); ``generate`` is the
+one-call version used by the Generate node, the demo and the parity tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from .errors import Flux2KitError
+from .parameters import RECOMMENDED_REFERENCES, check_generation, make_noise, resolve_size
+from .references import References, encode_references, split_images, to_pil
+from .sampling import StepCallback, denoise
+
+log = logging.getLogger("flux2kit")
+
+
+def check_text_encoder_fits(transformer, text_encoder) -> None:
+    """The text encoder's embedding width must be the transformer's text input width."""
+    if text_encoder.embed_dim != transformer.text_width:
+        raise Flux2KitError(
+            f"The text encoder makes {text_encoder.embed_dim}-wide embeddings but the transformer expects "
+            f"{transformer.text_width}: they belong to different models. FLUX.2 [dev] needs the Mistral-Small-3 "
+            "text encoder (mistral_3_small_flux2_*.safetensors or the FLUX.2-dev text_encoder folder)."
+        )
+
+
+def warn_reference_count(count: int, variant: str = "dev") -> str | None:
+    """A warning when more references are given than the variant is tuned for."""
+    limit = RECOMMENDED_REFERENCES.get(variant.split("-")[0], 6)
+    if count > limit:
+        msg = (f"{count} reference images: FLUX.2 [{variant}] is tuned for at most {limit}; results may degrade "
+               "and every 1 MP reference adds about 4096 tokens to attention.")
+        log.warning(msg)
+        return msg
+    return None
+
+
+def latents_to_images(pixels: torch.Tensor) -> torch.Tensor:
+    """VAE output (B, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) in [0, 1], fp32 on the CPU."""
+    return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu()
+
+
+def generate(
+    transformer,
+    text_encoder,
+    vae,
+    *,
+    prompt: str = "",
+    images=None,
+    aspect_ratio: str = "1:1",
+    resolution: str = "1 MP",
+    width: int | None = None,
+    height: int | None = None,
+    num_inference_steps: int = 28,
+    guidance: float = 4.0,
+    seed: int = 0,
+    batch_size: int = 1,
+    reference_max_pixels: int | None = None,
+    offload_text_encoder: bool = False,
+    callback: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Make ``batch_size`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3) in [0, 1]."""
+    images = split_images(images)
+    if not prompt.strip() and not images:
+        raise Flux2KitError("The prompt is empty and no reference image is connected: write a prompt or connect an image.")
+    first_size = to_pil(images[0]).size if images else None
+    width, height = resolve_size(aspect_ratio, resolution, width, height, first_size)
+    check_generation(num_inference_steps, guidance, seed, batch_size)
+    check_text_encoder_fits(transformer, text_encoder)
+    warn_reference_count(len(images), transformer.variant)
+
+    embeds = text_encoder.encode(prompt).embeds
+    if offload_text_encoder:
+        text_encoder.to("cpu")
+    references: References | None = encode_references(vae, images, max_pixels=reference_max_pixels)
+    noise = make_noise(seed, batch_size, width, height)
+    latents = denoise(transformer, noise, embeds, num_steps=num_inference_steps, guidance=guidance,
+                      references=references, callback=callback, should_cancel=should_cancel)
+    with torch.inference_mode():
+        pixels = vae.decode(latents.to(vae.device, vae.dtype))
+    return latents_to_images(pixels)
