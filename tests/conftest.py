@@ -25,3 +25,24 @@ def transformer_files(tiny_transformer, tmp_path_factory):
         layout: save_transformer(tiny_transformer, str(root / (layout if layout == "diffusers" else f"{layout}.safetensors")), layout)
         for layout in LAYOUTS
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tmp_path_factory):
+    """(model, tokenizer, folder): a tiny Mistral3 saved as a diffusers-style pipeline folder."""
+    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+
+    model, tokenizer = build_tiny_mistral3(seed=0)
+    folder = tmp_path_factory.mktemp("text_encoder")
+    save_tiny_mistral3(model, tokenizer, str(folder), layout="pipeline")
+    return model, tokenizer, str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """(model, path): a tiny FLUX.2 VAE saved as a single file with BFL/ComfyUI (LDM) names."""
+    from flux2kit.pipelines.tiny.vae import build_tiny_vae, save_vae_ldm
+
+    model = build_tiny_vae(seed=0)
+    path = save_vae_ldm(model, str(tmp_path_factory.mktemp("vae") / "flux2-vae.safetensors"))
+    return model, path

@@ -1,0 +1,103 @@
+"""Bad input to a whole run: a clear error naming the problem and the fix, and the next run works."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from flux2kit.pipelines.errors import Flux2KitError
+from flux2kit.pipelines.generate import generate
+from flux2kit.pipelines.text_encoder import load_text_encoder
+from flux2kit.pipelines.transformer import load_transformer
+from flux2kit.pipelines.vae import load_vae
+
+
+@pytest.fixture(scope="module")
+def parts(transformer_files, tiny_text_encoder, tiny_vae):
+    return (load_transformer(transformer_files["comfy-fp8"], device="cpu"),
+            load_text_encoder(tiny_text_encoder[2], device="cpu"), load_vae(tiny_vae[1], device="cpu"))
+
+
+def _run(parts, **kw):
+    args = dict(prompt="a cat", width=64, height=64, num_inference_steps=1) | kw
+    return generate(*parts, **args)
+
+
+def test_text_encoder_that_does_not_fit_the_transformer(parts, tmp_path):
+    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+
+    model, tok = build_tiny_mistral3(hidden_size=64)
+    narrow = load_text_encoder(save_tiny_mistral3(model, tok, str(tmp_path / "te"), layout="flat"))
+    with pytest.raises(Flux2KitError, match=r"192-wide embeddings but the transformer expects 384.*Mistral-Small-3"):
+        generate(parts[0], narrow, parts[2], prompt="a cat", width=64, height=64, num_inference_steps=1)
+    assert _run(parts).shape == (1, 64, 64, 3)
+
+
+def test_vae_from_another_model(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(512, 4, 3, 3),
+               "quant_conv.weight": torch.zeros(8, 8, 1, 1), "post_quant_conv.weight": torch.zeros(4, 4, 1, 1)},
+              str(path))
+    with pytest.raises(Flux2KitError, match="flux2-vae"):
+        load_vae(path)
+
+
+def test_extreme_reference_aspect(parts):
+    strip = PIL.Image.fromarray(np.zeros((8, 4000, 3), dtype=np.uint8))
+    with pytest.raises(Flux2KitError, match=r"8x4000|4000x8") as info:
+        _run(parts, images=[strip])
+    assert "at least 64 pixels" in str(info.value) or "8:1" in str(info.value)
+    long = PIL.Image.fromarray(np.zeros((64, 4000, 3), dtype=np.uint8))
+    with pytest.raises(Flux2KitError, match=r"aspect ratio must be at most 8:1"):
+        _run(parts, images=[long])
+
+
+def test_five_megapixel_request(parts):
+    with pytest.raises(Flux2KitError, match=r"over the 4 MP maximum.*nearest valid size"):
+        _run(parts, width=2560, height=2048)
+
+
+def test_width_not_a_multiple_of_16(parts):
+    with pytest.raises(Flux2KitError, match=r"multiples of 16.*nearest valid size is 96x64"):
+        _run(parts, width=100, height=64)
+
+
+def test_eleven_references(parts):
+    img = PIL.Image.new("RGB", (64, 64), (200, 10, 10))
+    with pytest.raises(Flux2KitError, match="11 reference images.*at most 10"):
+        _run(parts, images=[img] * 11)
+
+
+def test_reference_that_is_not_an_image(parts):
+    with pytest.raises(Flux2KitError, match="must be an image"):
+        _run(parts, images=["photo.png"])
+    with pytest.raises(Flux2KitError, match="must be an image"):
+        _run(parts, images=[torch.zeros(64, 64, 7)])
+
+
+def test_grayscale_and_rgba_references_are_converted(parts):
+    gray = PIL.Image.new("L", (64, 64), 128)
+    rgba = PIL.Image.new("RGBA", (64, 80), (255, 0, 0, 0))
+    out = _run(parts, images=[gray, rgba, torch.rand(1, 64, 64, 1)])
+    assert out.shape == (1, 64, 64, 3)
+
+
+def test_transparent_pixels_become_white():
+    from flux2kit.pipelines.references import prepare_reference
+
+    clear = PIL.Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    assert torch.equal(prepare_reference(clear), torch.ones(1, 3, 64, 64))
+
+
+def test_empty_prompt_needs_a_reference(parts):
+    with pytest.raises(Flux2KitError, match="prompt is empty"):
+        _run(parts, prompt="  ")
+    img = PIL.Image.new("RGB", (64, 64), (0, 90, 200))
+    assert _run(parts, prompt="", images=[img]).shape == (1, 64, 64, 3)
+
+
+def test_match_input_image_without_image(parts):
+    with pytest.raises(Flux2KitError, match="needs a reference image"):
+        _run(parts, width=None, height=None, aspect_ratio="match_input_image")
