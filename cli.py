@@ -156,17 +156,6 @@ def run_generate(args) -> None:
 # The run: check, encode the prompt, load, sample, save
 
 
-class _EncodedPrompt:
-    """Stands in for the text encoder in ``generate`` once the prompt is encoded and the encoder freed."""
-
-    def __init__(self, embeds):
-        self.embeds = embeds
-        self.embed_dim = int(embeds.shape[-1])
-
-    def encode(self, prompt):
-        return self
-
-
 def _generate(paths: dict, params: dict, image_paths: list[str], *, out_dir: str, device, text_encoder_device,
               offload_blocks: bool, prefix: str) -> list[str]:
     """Make the images and save them as PNGs; returns their absolute paths."""
@@ -197,7 +186,7 @@ def _generate(paths: dict, params: dict, image_paths: list[str], *, out_dir: str
     n = params["batch_size"]
     _say(f"Sampling {n} image{'s' if n > 1 else ''} of {width}x{height} in {params['num_inference_steps']} steps.")
     with _CtrlC() as ctrl_c:
-        pixels = generate(transformer, _EncodedPrompt(embeds), vae, images=images, callback=_Progress(),
+        pixels = generate(transformer, None, vae, prompt_embeds=embeds, images=images, callback=_Progress(),
                           should_cancel=ctrl_c.pressed, **params)
     if ctrl_c.pressed():  # pressed during decoding: the user still asked for no output
         raise KeyboardInterrupt

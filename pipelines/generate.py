@@ -20,11 +20,11 @@ from .sampling import StepCallback, denoise
 log = logging.getLogger("flux2kit")
 
 
-def check_text_encoder_fits(transformer, text_encoder) -> None:
+def check_text_encoder_fits(transformer, embed_dim: int) -> None:
     """The text encoder's embedding width must be the transformer's text input width."""
-    if text_encoder.embed_dim != transformer.text_width:
+    if embed_dim != transformer.text_width:
         raise Flux2KitError(
-            f"The text encoder makes {text_encoder.embed_dim}-wide embeddings but the transformer expects "
+            f"The text encoder makes {embed_dim}-wide embeddings but the transformer expects "
             f"{transformer.text_width}: they belong to different models. FLUX.2 [dev] needs the Mistral-Small-3 "
             "text encoder (mistral_3_small_flux2_*.safetensors or the FLUX.2-dev text_encoder folder)."
         )
@@ -63,21 +63,28 @@ def generate(
     batch_size: int = 1,
     reference_max_pixels: int | None = None,
     offload_text_encoder: bool = False,
+    prompt_embeds: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Make ``batch_size`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3) in [0, 1]."""
+    """Make ``batch_size`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3) in [0, 1].
+
+    ``prompt_embeds`` (already encoded ``prompt``) lets a caller free the text encoder before the
+    transformer loads; ``text_encoder`` may then be None.
+    """
     images = split_images(images)
     if not prompt.strip() and not images:
         raise Flux2KitError("The prompt is empty and no reference image is connected: write a prompt or connect an image.")
     first_size = to_pil(images[0]).size if images else None
     width, height = resolve_size(aspect_ratio, resolution, width, height, first_size)
     check_generation(num_inference_steps, guidance, seed, batch_size)
-    check_text_encoder_fits(transformer, text_encoder)
+    if prompt_embeds is None and text_encoder is None:
+        raise Flux2KitError("No text encoder and no prompt embeddings: connect a FLUX.2 text encoder.")
+    check_text_encoder_fits(transformer, text_encoder.embed_dim if prompt_embeds is None else prompt_embeds.shape[-1])
     warn_reference_count(len(images), transformer.variant)
 
-    embeds = text_encoder.encode(prompt).embeds
-    if offload_text_encoder:
+    embeds = text_encoder.encode(prompt).embeds if prompt_embeds is None else prompt_embeds
+    if offload_text_encoder and text_encoder is not None:
         text_encoder.to("cpu")
     references: References | None = encode_references(vae, images, max_pixels=reference_max_pixels)
     noise = make_noise(seed, batch_size, width, height)
