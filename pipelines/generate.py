@@ -87,9 +87,29 @@ def generate(
     if offload_text_encoder and text_encoder is not None:
         text_encoder.to("cpu")
     references: References | None = encode_references(vae, images, max_pixels=reference_max_pixels)
+    latents = sample(transformer, embeds, references, width=width, height=height,
+                     num_inference_steps=num_inference_steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                     callback=callback, should_cancel=should_cancel)
+    return decode(vae, latents)
+
+
+def sample(transformer, prompt_embeds: torch.Tensor, references: References | None = None, *, width: int, height: int,
+           num_inference_steps: int, guidance: float, seed: int, batch_size: int = 1,
+           callback: StepCallback | None = None, should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """The sampling stage: seeded noise -> denoised latents (B, 128, H/16, W/16), fp32 on the CPU.
+
+    These latents are ComfyUI's FLUX.2 LATENT as they are: its VAE Decode with flux2-vae decodes them.
+    """
+    check_generation(num_inference_steps, guidance, seed, batch_size)
+    check_text_encoder_fits(transformer, prompt_embeds.shape[-1])
     noise = make_noise(seed, batch_size, width, height)
-    latents = denoise(transformer, noise, embeds, num_steps=num_inference_steps, guidance=guidance,
+    latents = denoise(transformer, noise, prompt_embeds, num_steps=num_inference_steps, guidance=guidance,
                       references=references, callback=callback, should_cancel=should_cancel)
+    return latents.float().cpu()
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The decode stage: latents (B, 128, h, w) -> ComfyUI IMAGE (B, 16h, 16w, 3) in [0, 1]."""
     with torch.inference_mode():
         pixels = vae.decode(latents.to(vae.device, vae.dtype))
     return latents_to_images(pixels)

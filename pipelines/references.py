@@ -28,6 +28,7 @@ class References:
     tokens: torch.Tensor
     ids: torch.Tensor
     sizes: list[tuple[int, int]]  # (width, height) of each preprocessed reference, in pixels
+    first_size: tuple[int, int] | None = None  # (width, height) of image 1 as given: match_input_image
 
     @property
     def count(self) -> int:
@@ -133,6 +134,7 @@ def encode_references(vae, images, *, max_pixels: int | None = None, max_count: 
     if len(images) > 1:
         limit = min(limit, MEGAPIXEL)
     tokens, latent_sizes, sizes = [], [], []
+    first_size = to_pil(images[0]).size
     for number, image in enumerate(images, start=1):
         pixels = prepare_reference(image, max_pixels=limit, number=number)
         latent = vae.encode(pixels.to(vae.device, vae.dtype))  # (1, 128, h, w), normalized
@@ -140,4 +142,5 @@ def encode_references(vae, images, *, max_pixels: int | None = None, max_count: 
         tokens.append(latent.reshape(1, c, h * w).permute(0, 2, 1))
         latent_sizes.append((h, w))
         sizes.append((pixels.shape[-1], pixels.shape[-2]))
-    return References(tokens=torch.cat(tokens, dim=1), ids=reference_ids(latent_sizes), sizes=sizes)
+    return References(tokens=torch.cat(tokens, dim=1), ids=reference_ids(latent_sizes), sizes=sizes,
+                      first_size=first_size)

@@ -82,8 +82,9 @@ def denoise(
     """Run the flow-matching Euler loop from ``noise`` (B, 128, h, w); returns latents of the same shape.
 
     ``prompt_embeds`` is (1 or B, L, D). ``references`` (tokens and ids) are appended after the
-    image tokens and cut off the output. ``callback(step, total, latents)`` runs after each step
-    with the current (B, 128, h, w) latents; ``should_cancel()`` is checked before every step.
+    image tokens and cut off the output. ``callback(step, total, denoised)`` runs after each step
+    with the model's current estimate of the clean latents (B, 128, h, w), for previews;
+    ``should_cancel()`` is checked before every step.
     """
     device, dtype = transformer.device, transformer.dtype
     b, _, h, w = noise.shape
@@ -117,8 +118,10 @@ def denoise(
                 x = torch.cat([x, ref_tokens], dim=1)
             # The model sees the timestep as the scheduler stores it: sigma * 1000, divided back.
             sigma = ((sigmas[i] * 1000.0) / 1000.0).expand(b).to(dtype)
-            v = transformer(x, img_ids, text, t_ids, sigma, g)[:, :n_img]
-            latents = latents + (sigmas[i + 1] - sigmas[i]) * v.float()
+            v = transformer(x, img_ids, text, t_ids, sigma, g)[:, :n_img].float()
             if callback is not None:
-                callback(i + 1, num_steps, unpack(latents, h, w))
+                denoised = latents - sigmas[i] * v  # flow matching: x0 = x_t - sigma * v
+            latents = latents + (sigmas[i + 1] - sigmas[i]) * v
+            if callback is not None:
+                callback(i + 1, num_steps, unpack(denoised, h, w))
     return unpack(latents, h, w)

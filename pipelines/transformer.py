@@ -73,6 +73,21 @@ class Flux2Transformer:
             return_dict=False,
         )[0]
 
+    def to(self, device: str | torch.device) -> "Flux2Transformer":
+        """Move to ``device``; with block offload only the non-block layers move (blocks visit per call)."""
+        device = torch.device(device)
+        if self.offload is None:
+            self.model.to(device)
+        else:
+            blocks = {id(m) for b in (self.model.transformer_blocks, self.model.single_transformer_blocks) for m in b}
+            for child in self.model.children():
+                if isinstance(child, nn.ModuleList) and all(id(m) in blocks for m in child):
+                    continue
+                child.to(device)
+            self.offload.device = device
+        self.device = device
+        return self
+
     def release(self) -> None:
         """Drop the weights (the object stays, unusable)."""
         self.model = None  # type: ignore[assignment]
