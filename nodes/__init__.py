@@ -1,11 +1,17 @@
-"""ComfyUI nodes: thin V3 declarations over ``pipelines/``. Imported only inside ComfyUI."""
+"""ComfyUI nodes: thin V3 declarations over ``pipelines/``. Imported only inside ComfyUI (or a stand-in)."""
 
 from comfy_api.latest import ComfyExtension, io
+
+from . import encode, generate, loaders, sampling
+
+
+def node_list() -> list[type[io.ComfyNode]]:
+    return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES]
 
 
 class Flux2KitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return node_list()
 
 
 async def comfy_entrypoint() -> Flux2KitExtension:

@@ -1,0 +1,141 @@
+"""Loader nodes: one per component, like ComfyUI's own, over ``pipelines`` loaders."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io
+
+from ..pipelines.devices import default_dtype
+from ..pipelines.text_encoder import load_text_encoder
+from ..pipelines.transformer import load_transformer
+from ..pipelines.vae import load_vae
+from . import services
+from .types import CATEGORY, VAE, TextEncoder, Transformer
+
+WEIGHT_MODES = {"fp8 as stored": "as_stored", "bf16": "dequantize"}
+
+
+def _file_fingerprint(path: str):
+    """Reload when the file (or a folder's newest file) changes on disk under the same name."""
+    try:
+        if os.path.isdir(path):
+            return max((os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs), default=0)
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None
+
+
+def _bytes(module: torch.nn.Module, skip=()) -> int:
+    skip_ids = {id(t) for m in skip for t in list(m.parameters()) + list(m.buffers())}
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if id(t) not in skip_ids)
+
+
+class TransformerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Flux2KitTransformerLoader",
+            display_name="FLUX.2 Load Transformer (flux2kit)",
+            category=CATEGORY,
+            description="Loads a FLUX.2 transformer from a BFL or ComfyUI single file (bf16 or FP8) or a diffusers "
+                        "folder. The layout is detected from the file itself.",
+            inputs=[
+                io.Combo.Input("model_name", options=services.list_models(services.TRANSFORMER_FOLDERS, component="transformer"),
+                               tooltip="A file in models/diffusion_models (e.g. flux2_dev_fp8mixed.safetensors) or a "
+                                       "diffusers folder (ending in /) in models/diffusion_models or models/diffusers."),
+                io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="fp8 as stored",
+                               tooltip="fp8 as stored: FP8 layers stay FP8 in memory (FP8 matmuls on RTX 40xx and newer, "
+                                       "per-layer dequantization elsewhere). bf16: expand FP8 layers at load (twice the memory)."),
+                io.Boolean.Input("offload_blocks", default=False,
+                                 tooltip="Keep the transformer blocks in system RAM and move each to the GPU only while it "
+                                         "runs: FLUX.2 [dev] on a 24 GB card, at some speed cost."),
+            ],
+            outputs=[Transformer.Output(display_name="transformer", tooltip="The loaded FLUX.2 transformer.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, weight_mode, offload_blocks):
+        try:
+            return _file_fingerprint(services.resolve_model(services.TRANSFORMER_FOLDERS, model_name))
+        except Exception:
+            return None
+
+    @classmethod
+    def execute(cls, model_name, weight_mode, offload_blocks) -> io.NodeOutput:
+        path = services.resolve_model(services.TRANSFORMER_FOLDERS, model_name)
+        device = services.compute_device()
+        t = load_transformer(path, device=services.offload_device(), dtype=default_dtype(device),
+                             weights=WEIGHT_MODES.get(weight_mode, "as_stored"), offload_blocks=offload_blocks)
+        blocks = [t.model.transformer_blocks, t.model.single_transformer_blocks] if offload_blocks else []
+        services.attach_patcher(t, t.model, size=_bytes(t.model, blocks))
+        return io.NodeOutput(t)
+
+
+class TextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Flux2KitTextEncoderLoader",
+            display_name="FLUX.2 Load Text Encoder (flux2kit)",
+            category=CATEGORY,
+            description="Loads FLUX.2 [dev]'s Mistral-Small-3 text encoder from a Hugging Face folder (config, "
+                        "weights and tokenizer) or a diffusers FLUX.2 folder; only the 30 layers FLUX.2 reads.",
+            inputs=[
+                io.Combo.Input("text_encoder_name",
+                               options=services.list_models(services.TEXT_ENCODER_FOLDERS, component="text_encoder", files=False),
+                               tooltip="A folder in models/text_encoders (with config.json and tokenizer files) or a "
+                                       "diffusers FLUX.2 folder in models/diffusers."),
+            ],
+            outputs=[TextEncoder.Output(display_name="text_encoder", tooltip="The loaded text encoder.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, text_encoder_name):
+        try:
+            return _file_fingerprint(services.resolve_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name))
+        except Exception:
+            return None
+
+    @classmethod
+    def execute(cls, text_encoder_name) -> io.NodeOutput:
+        path = services.resolve_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
+        te = load_text_encoder(path, device=services.offload_device(), dtype=default_dtype(services.compute_device()))
+        services.attach_patcher(te, te.model, size=_bytes(te.model))
+        return io.NodeOutput(te)
+
+
+class VAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Flux2KitVAELoader",
+            display_name="FLUX.2 Load VAE (flux2kit)",
+            category=CATEGORY,
+            description="Loads the FLUX.2 VAE from a single file (flux2-vae.safetensors) or a diffusers folder.",
+            inputs=[
+                io.Combo.Input("vae_name", options=services.list_models(services.VAE_FOLDERS, component="vae"),
+                               tooltip="A file in models/vae (e.g. flux2-vae.safetensors) or a diffusers folder."),
+            ],
+            outputs=[VAE.Output(display_name="vae", tooltip="The loaded FLUX.2 VAE.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name):
+        try:
+            return _file_fingerprint(services.resolve_model(services.VAE_FOLDERS, vae_name))
+        except Exception:
+            return None
+
+    @classmethod
+    def execute(cls, vae_name) -> io.NodeOutput:
+        path = services.resolve_model(services.VAE_FOLDERS, vae_name)
+        vae = load_vae(path, device=services.offload_device(), dtype=default_dtype(services.compute_device()))
+        services.attach_patcher(vae, vae.model, size=_bytes(vae.model))
+        return io.NodeOutput(vae)
+
+
+NODES = [TransformerLoader, TextEncoderLoader, VAELoader]

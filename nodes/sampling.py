@@ -1,0 +1,102 @@
+"""Sampler and decoder nodes. The sampler's LATENT is ComfyUI's FLUX.2 latent, so core VAE Decode works too."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..pipelines import parameters as P
+from ..pipelines.errors import Flux2KitError
+from ..pipelines.generate import decode, sample
+from . import services
+from .types import CATEGORY, VAE, Conditioning, References, Transformer
+
+
+def generation_inputs() -> list:
+    """The inputs PARAMETERS.md shares between the sampler, Generate and the API node (names are public)."""
+    return [
+        io.Combo.Input("aspect_ratio", options=list(P.ASPECT_RATIOS), default="1:1",
+                       tooltip="Shape of the image. match_input_image uses the aspect of reference image 1."),
+        io.Combo.Input("resolution", options=list(P.RESOLUTIONS), default="1 MP",
+                       tooltip="Image area; 1 MP = 1024x1024 pixels. The model's maximum is 4 MP."),
+        io.Int.Input("width", default=0, min=0, max=P.MAX_SIDE, step=P.SIZE_MULTIPLE,
+                     tooltip="Exact width in pixels (multiple of 16). With height, overrides aspect_ratio and "
+                             "resolution; 0 = unset."),
+        io.Int.Input("height", default=0, min=0, max=P.MAX_SIDE, step=P.SIZE_MULTIPLE,
+                     tooltip="Exact height in pixels (multiple of 16); 0 = unset. width x height at most 4 MP."),
+        io.Int.Input("num_inference_steps", default=P.DEFAULTS["dev"]["num_inference_steps"], min=P.STEPS_RANGE[0],
+                     max=P.STEPS_RANGE[1], tooltip="Denoising steps. [dev]: 28 is a good trade-off, 50 the most detail."),
+        io.Float.Input("guidance", default=P.DEFAULTS["dev"]["guidance"], min=P.GUIDANCE_RANGE[0],
+                       max=P.GUIDANCE_RANGE[1], step=0.1, round=0.01,
+                       tooltip="How closely to follow the prompt ([dev]: embedded guidance, 4.0 default). Lower "
+                               "values can look more natural."),
+        io.Int.Input("seed", default=0, min=0, max=P.MAX_SEED, control_after_generate=True,
+                     tooltip="Noise seed. The same seed gives the same image on any device; image i of a batch "
+                             "uses seed + i."),
+        io.Int.Input("batch_size", default=1, min=P.BATCH_RANGE[0], max=P.BATCH_RANGE[1],
+                     tooltip="Images per run; image i uses seed + i."),
+    ]
+
+
+def resolve_size(aspect_ratio, resolution, width, height, first_size):
+    return P.resolve_size(aspect_ratio, resolution, width or None, height or None, first_size)
+
+
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Flux2KitSampler",
+            display_name="FLUX.2 Sampler (flux2kit)",
+            category=CATEGORY,
+            description="Flow-matching Euler sampling with FLUX.2's schedule. Shows progress with previews; "
+                        "Cancel stops it at the next step.",
+            inputs=[
+                Transformer.Input("transformer", tooltip="From FLUX.2 Load Transformer."),
+                Conditioning.Input("conditioning", tooltip="From FLUX.2 Text Encode."),
+                References.Input("references", optional=True,
+                                 tooltip="Optional, from FLUX.2 Multi-Reference Encode: edit or combine these images."),
+                *generation_inputs(),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT",
+                                      tooltip="FLUX.2 latent (128 channels at 1/16). Decode with FLUX.2 Decode or "
+                                              "ComfyUI's VAE Decode with flux2-vae.")],
+        )
+
+    @classmethod
+    def execute(cls, transformer, conditioning, aspect_ratio, resolution, width, height, num_inference_steps,
+                guidance, seed, batch_size, references=None) -> io.NodeOutput:
+        first = references.first_size if references is not None else None
+        w, h = resolve_size(aspect_ratio, resolution, width, height, first)
+        services.load_to_device(transformer)
+        latents = sample(transformer, conditioning.embeds, references, width=w, height=h,
+                         num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
+                         batch_size=batch_size, callback=services.step_callback(num_inference_steps, transformer.device),
+                         should_cancel=services.should_cancel)
+        return io.NodeOutput({"samples": latents.contiguous()})
+
+
+class Decode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Flux2KitDecode",
+            display_name="FLUX.2 Decode (flux2kit)",
+            category=CATEGORY,
+            description="Decodes a FLUX.2 LATENT (from the sampler, or ComfyUI's FLUX.2 latents) into an IMAGE.",
+            inputs=[
+                VAE.Input("vae", tooltip="From FLUX.2 Load VAE."),
+                io.Latent.Input("latent", tooltip="A FLUX.2 latent (128 channels)."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The decoded images.")],
+        )
+
+    @classmethod
+    def execute(cls, vae, latent) -> io.NodeOutput:
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if samples is None:
+            raise Flux2KitError("The latent input has no samples; connect the output of FLUX.2 Sampler.")
+        services.load_to_device(vae)
+        return io.NodeOutput(decode(vae, samples))
+
+
+NODES = [Sampler, Decode]
