@@ -2,11 +2,11 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import encode, generate, loaders, sampling
+from . import encode, generate, loaders, sampling, save
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES]
+    return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES]
 
 
 class Flux2KitExtension(ComfyExtension):
