@@ -126,11 +126,14 @@ def attach_patcher(engine_object, module: torch.nn.Module, *, size: int | None =
     if mm is None or not hasattr(cmp.ModelPatcher, "detach"):
         return  # a stand-in without ComfyUI's loading protocol
 
-    class _Holder(torch.nn.Module):
-        # ModelPatcher writes module.device; diffusers modules have a read-only one.
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
+    def _init(self, inner):
+        torch.nn.Module.__init__(self)
+        self.inner = inner
+
+    # ModelPatcher writes module.device, and diffusers modules have a read-only one, so the module
+    # sits in a holder; its class name is what ComfyUI's log shows ("Requested to load Flux2KitVAE").
+    _Holder = type(f"Flux2Kit{type(engine_object).__name__.removeprefix('Flux2')}", (torch.nn.Module,),
+                   {"__init__": _init})
 
     class Flux2KitPatcher(cmp.ModelPatcher):
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):

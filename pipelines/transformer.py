@@ -49,6 +49,9 @@ class Flux2Transformer:
     dtype: torch.dtype
     offload: BlockOffload | None = None
 
+    def __repr__(self) -> str:  # short: ComfyUI puts node inputs' reprs into its error reports
+        return f"Flux2Transformer({self.checkpoint}, device={self.device}, dtype={self.dtype})"
+
     @property
     def config(self):
         return self.model.config
