@@ -1,7 +1,8 @@
 """The ``flux2kit`` command, no ComfyUI needed.
 
 ``flux2kit demo`` builds tiny random FLUX.2 models and makes one (noise-like) image in seconds on a
-CPU, proving the install works; ``flux2kit generate`` does the same with the real FLUX.2 files.
+CPU, proving the install works; ``flux2kit generate`` does the same with the real FLUX.2 files;
+``flux2kit run`` runs a ComfyUI workflow (API format) in-process or on a ComfyUI server.
 Images go to PNG files whose paths are printed on stdout; everything else goes to stderr.
 """
 
@@ -96,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--offload-blocks", action="store_true",
         help="keep transformer blocks in RAM and move each to the GPU only while it runs")
     gen.set_defaults(command=run_generate)
+
+    from .headless import add_run_arguments
+
+    run = sub.add_parser(
+        "run", help="run a ComfyUI workflow (API format): in-process on flux2kit's nodes, or on a ComfyUI server",
+        description="Run a workflow saved in ComfyUI's API format (e.g. workflows/api/text_to_image.json) and save "
+        "its images. In-process (no ComfyUI needed) it runs flux2kit's nodes and LoadImage on the models in --models, "
+        "by default the tiny random demo models; with --server URL it runs on that ComfyUI. Prints the image paths.")
+    add_run_arguments(run)
+    run.set_defaults(command=run_workflow)
     return parser
 
 
@@ -149,6 +160,13 @@ def run_generate(args) -> None:
                       text_encoder_device=args.text_encoder_device, offload_blocks=args.offload_blocks,
                       prefix="flux2kit")
     for path in saved:
+        print(path)
+
+
+def run_workflow(args) -> None:
+    from .headless import run_command
+
+    for path in run_command(args):
         print(path)
 
 

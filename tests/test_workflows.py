@@ -1,0 +1,211 @@
+"""The shipped workflows: valid ComfyUI 0.4 UI files, API twins describing the same graph, every node
+and value allowed by the nodes' own schemas."""
+
+import glob
+import json
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+UI_FILES = sorted(glob.glob(os.path.join(ROOT, "*.json")))
+API_FILES = sorted(glob.glob(os.path.join(ROOT, "api", "*.json")))
+STEMS = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
+WIDGET_TYPES = {"COMBO", "INT", "FLOAT", "STRING", "BOOLEAN"}
+LOADER_MODEL_INPUTS = {("Flux2KitTransformerLoader", "model_name"), ("Flux2KitTextEncoderLoader", "text_encoder_name"),
+                       ("Flux2KitVAELoader", "vae_name"), ("LoadImage", "image")}
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def schemas(comfy):
+    """node id -> class: flux2kit's nodes and the headless runner's LoadImage (ComfyUI core's inputs)."""
+    from flux2kit import headless
+    from flux2kit import nodes as pack
+
+    classes = {cls.define_schema().node_id: cls for cls in pack.node_list()}
+    classes["LoadImage"] = headless._load_image_node()
+    return classes
+
+
+def node_inputs(cls, live_inputs):
+    """{name: (io_type, options, required)} with Autogrow slots expanded, as ComfyUI validates them."""
+    from comfy_api.latest import io
+
+    finalized, _, _ = io.get_finalized_class_inputs(cls.INPUT_TYPES(), live_inputs)
+    out = {}
+    for kind in ("required", "optional"):
+        for name, spec in finalized[kind].items():
+            out[name] = (spec[0], spec[1] if len(spec) > 1 else {}, kind == "required")
+    return out
+
+
+def control_widgets(cls):
+    """Widget inputs followed by a control_after_generate value in UI files."""
+    return {i.id for i in cls.define_schema().inputs if getattr(i, "control_after_generate", False)}
+
+
+def test_every_workflow_has_a_twin():
+    assert STEMS == ["generate_text_to_image", "generate_three_reference_edit", "text_to_image", "three_reference_edit"]
+    assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
+def test_api_workflow_uses_existing_nodes_inputs_and_values(path, schemas):
+    from flux2kit.headless import needed_nodes
+
+    wf = load(path)
+    outputs = []
+    for nid, node in wf.items():
+        ct = node["class_type"]
+        assert ct in schemas, f"#{nid}: unknown node type {ct}"
+        cls = schemas[ct]
+        if cls.define_schema().is_output_node:
+            outputs.append(nid)
+        spec = node_inputs(cls, node["inputs"])
+        missing = [n for n, (_, _, required) in spec.items() if required and n not in node["inputs"]]
+        assert not missing, f"#{nid} {ct}: missing {missing}"
+        for name, value in node["inputs"].items():
+            assert name in spec, f"#{nid} {ct}: no input {name!r}"
+            io_type, opts, _ = spec[name]
+            if isinstance(value, list):  # a link [node id, output slot]
+                src = wf[value[0]]
+                src_outputs = [o.get_io_type() for o in schemas[src["class_type"]].define_schema().outputs]
+                assert src_outputs[value[1]] == io_type, f"#{nid}.{name}: {src_outputs[value[1]]} into {io_type}"
+                continue
+            assert io_type in WIDGET_TYPES, f"#{nid}.{name} is a {io_type} socket with a value"
+            if (ct, name) in LOADER_MODEL_INPUTS:
+                assert isinstance(value, str) and value.strip()  # no models present: the names are the real files'
+            elif io_type == "COMBO":
+                assert value in opts["options"], f"#{nid}.{name}={value!r}"
+            elif io_type in ("INT", "FLOAT"):
+                assert isinstance(value, (int, float)) and not isinstance(value, bool)
+                assert opts.get("min", value) <= value <= opts.get("max", value), f"#{nid}.{name}={value}"
+                if io_type == "INT":
+                    assert isinstance(value, int)
+            elif io_type == "STRING":
+                assert isinstance(value, str)
+            else:
+                assert isinstance(value, bool)
+    assert outputs, "no output node"
+    assert sorted(needed_nodes(wf, outputs)) == sorted(wf)  # every node contributes to an output
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_ui_workflow_is_valid_0_4(stem, schemas):
+    ui = load(os.path.join(ROOT, f"{stem}.json"))
+    assert ui["version"] == 0.4 and {"nodes", "links", "groups", "config", "extra"} <= ui.keys()
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"])
+    assert ui["last_node_id"] == max(nodes)
+    assert ui["last_link_id"] == max(link[0] for link in ui["links"])
+    assert sorted(n["order"] for n in ui["nodes"]) == list(range(len(nodes)))
+    for n in ui["nodes"]:
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                "widgets_values"} <= n.keys()
+        assert len(n["pos"]) == 2 and len(n["size"]) == 2 and n["mode"] == 0
+    links = {link[0]: link for link in ui["links"]}
+    assert len(links) == len(ui["links"])
+    for link_id, src, src_slot, dst, dst_slot, link_type in ui["links"]:
+        out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+        assert out["type"] == inp["type"] == link_type
+    for n in ui["nodes"]:
+        for inp in n["inputs"]:
+            if inp["link"] is not None:
+                assert links[inp["link"]][3:5] == [n["id"], n["inputs"].index(inp)]
+        for slot, out in enumerate(n["outputs"]):
+            for link_id in out["links"] or []:
+                assert links[link_id][1:3] == [n["id"], slot]
+    # the node types and their sockets are the nodes' own
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            assert not n["inputs"] and not n["outputs"]
+            continue
+        cls = schemas[n["type"]]
+        spec = node_inputs(cls, {i["name"]: None for i in n["inputs"]})
+        for inp in n["inputs"]:
+            if n["type"] == "LoadImage" and inp["name"] == "upload":
+                assert inp["type"] == "IMAGEUPLOAD"  # the frontend's upload button
+                continue
+            io_type = spec[inp["name"]][0]
+            assert inp["type"] == io_type, (n["id"], inp["name"])
+            assert ("widget" in inp) == (io_type in WIDGET_TYPES), (n["id"], inp["name"])
+            if "." in inp["name"]:  # an Autogrow slot
+                assert inp["label"] == inp["name"].split(".", 1)[1]
+        assert [o["type"] for o in n["outputs"]] == [o.get_io_type() for o in cls.define_schema().outputs]
+    # the models the loaders name, with where to get them
+    names = {m["name"]: m for m in ui.get("models", [])}
+    for m in names.values():
+        assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
+        assert m["directory"] in ("diffusion_models", "vae", "text_encoders")
+    file_loaders = ("Flux2KitTransformerLoader", "Flux2KitVAELoader")
+    loader_files = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in file_loaders]
+    assert sorted(loader_files) == sorted(names)
+
+
+def api_from_ui(ui, schemas):
+    """The API prompt the frontend would queue for a UI workflow (its graphToPrompt, for these nodes)."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        controls = control_widgets(schemas[n["type"]])
+        values = list(n["widgets_values"])
+        inputs = {}
+        for inp in n["inputs"]:
+            if "widget" in inp:
+                value = values.pop(0)
+                if inp["name"] in controls:
+                    assert values.pop(0) in ("fixed", "randomize", "increment", "decrement")
+                if n["type"] == "LoadImage" and inp["name"] == "upload":
+                    continue
+                if inp["link"] is None:
+                    inputs[inp["name"]] = value
+            if inp["link"] is not None:
+                _, src, slot, _, _, _ = links[inp["link"]]
+                assert nodes[src]["type"] not in FRONTEND_ONLY
+                inputs[inp["name"]] = [str(src), slot]
+        assert not values, f"#{n['id']}: {len(values)} widget values left over"
+        api[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return api
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_ui_and_api_twins_describe_the_same_graph(stem, schemas):
+    ui = load(os.path.join(ROOT, f"{stem}.json"))
+    api = load(os.path.join(ROOT, "api", f"{stem}.json"))
+    expected = api_from_ui(ui, schemas)
+    assert sorted(api) == sorted(expected)
+    for nid, node in api.items():
+        assert node["class_type"] == expected[nid]["class_type"], nid
+        assert node["inputs"] == expected[nid]["inputs"], nid
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_defaults_show_flux2(stem):
+    """28 steps, guidance 4, 1 MP, png; references named by number in the edit prompts."""
+    api = load(os.path.join(ROOT, "api", f"{stem}.json"))
+    samplers = [n["inputs"] for n in api.values() if n["class_type"] in ("Flux2KitSampler", "Flux2KitGenerate")]
+    assert len(samplers) == 1
+    s = samplers[0]
+    assert (s["num_inference_steps"], s["guidance"], s["resolution"], s["width"], s["height"]) == (28, 4.0, "1 MP", 0, 0)
+    prompt = next(n["inputs"]["prompt"] for n in api.values() if "prompt" in n["inputs"])
+    encoders = [n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitReferenceEncode"]
+    refs = [k for inputs in [s, *encoders] for k in inputs if k.startswith("images.")]
+    if "three_reference" in stem:
+        assert sorted(refs) == ["images.image_1", "images.image_2", "images.image_3"]
+        assert all(f"image {i}" in prompt for i in (1, 2, 3)) and s["aspect_ratio"] == "match_input_image"
+    else:
+        assert not refs and s["aspect_ratio"] == "1:1"
+    model_names = {n["class_type"]: list(n["inputs"].values())[0] for n in api.values()
+                   if n["class_type"].endswith("Loader")}
+    assert model_names == {"Flux2KitTransformerLoader": "flux2_dev_fp8mixed.safetensors",
+                           "Flux2KitTextEncoderLoader": "FLUX.2-dev/", "Flux2KitVAELoader": "flux2-vae.safetensors"}
