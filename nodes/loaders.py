@@ -17,14 +17,15 @@ from .types import CATEGORY, VAE, TextEncoder, Transformer
 WEIGHT_MODES = {"fp8 as stored": "as_stored", "bf16": "dequantize"}
 
 
-def _file_fingerprint(path: str):
+def _file_fingerprint(folders: tuple[str, ...], choice: str):
     """Reload when the file (or a folder's newest file) changes on disk under the same name."""
     try:
+        path = services.resolve_model(folders, choice)
         if os.path.isdir(path):
             return max((os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs), default=0)
         st = os.stat(path)
         return (st.st_size, st.st_mtime_ns)
-    except OSError:
+    except Exception:  # missing: the loader itself reports it
         return None
 
 
@@ -59,10 +60,7 @@ class TransformerLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_name, weight_mode, offload_blocks):
-        try:
-            return _file_fingerprint(services.resolve_model(services.TRANSFORMER_FOLDERS, model_name))
-        except Exception:
-            return None
+        return _file_fingerprint(services.TRANSFORMER_FOLDERS, model_name)
 
     @classmethod
     def execute(cls, model_name, weight_mode, offload_blocks) -> io.NodeOutput:
@@ -95,10 +93,7 @@ class TextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, text_encoder_name):
-        try:
-            return _file_fingerprint(services.resolve_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name))
-        except Exception:
-            return None
+        return _file_fingerprint(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
 
     @classmethod
     def execute(cls, text_encoder_name) -> io.NodeOutput:
@@ -125,10 +120,7 @@ class VAELoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, vae_name):
-        try:
-            return _file_fingerprint(services.resolve_model(services.VAE_FOLDERS, vae_name))
-        except Exception:
-            return None
+        return _file_fingerprint(services.VAE_FOLDERS, vae_name)
 
     @classmethod
     def execute(cls, vae_name) -> io.NodeOutput:

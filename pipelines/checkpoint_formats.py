@@ -184,49 +184,42 @@ def _count_blocks(keys: list[str], pattern: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def _config_from_bfl_shapes(files: TensorFile, prefix: str) -> dict:
-    shape = lambda k: files.info(prefix + k).shape  # noqa: E731
+_CONFIG_KEYS = {  # layout -> where each config value can be read from tensor shapes
+    "bfl": dict(x="img_in.weight", out="final_layer.linear.weight", txt="txt_in.weight",
+                head="double_blocks.0.img_attn.norm.query_norm.scale", time="time_in.in_layer.weight",
+                mlp="double_blocks.0.img_mlp.0.weight", guidance="guidance_in.in_layer.weight",
+                double=r"double_blocks\.(\d+)\.", single=r"single_blocks\.(\d+)\."),
+    "diffusers": dict(x="x_embedder.weight", out="proj_out.weight", txt="context_embedder.weight",
+                      head="transformer_blocks.0.attn.norm_q.weight",
+                      time="time_guidance_embed.timestep_embedder.linear_1.weight",
+                      mlp="transformer_blocks.0.ff.linear_in.weight",
+                      guidance="time_guidance_embed.guidance_embedder.linear_1.weight",
+                      double=r"transformer_blocks\.(\d+)\.", single=r"single_transformer_blocks\.(\d+)\."),
+}
+
+
+def _config_from_shapes(files: TensorFile, prefix: str, layout: str) -> dict:
+    """Flux2Transformer2DModel's config, read off the tensor shapes (no config file needed)."""
+    names = _CONFIG_KEYS[layout]
+    shape = lambda k: files.info(prefix + names[k]).shape  # noqa: E731
     keys = [k[len(prefix):] for k in files.keys() if k.startswith(prefix)]
-    inner, in_channels = shape("img_in.weight")
-    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    inner, in_channels = shape("x")
+    head_dim = shape("head")[0]
     return dict(
         patch_size=1,
         in_channels=in_channels,
-        out_channels=shape("final_layer.linear.weight")[0],
-        num_layers=_count_blocks(keys, r"double_blocks\.(\d+)\."),
-        num_single_layers=_count_blocks(keys, r"single_blocks\.(\d+)\."),
+        out_channels=shape("out")[0],
+        num_layers=_count_blocks(keys, names["double"]),
+        num_single_layers=_count_blocks(keys, names["single"]),
         attention_head_dim=head_dim,
         num_attention_heads=inner // head_dim,
-        joint_attention_dim=shape("txt_in.weight")[1],
-        timestep_guidance_channels=shape("time_in.in_layer.weight")[1],
-        mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / 2 / inner,
+        joint_attention_dim=shape("txt")[1],
+        timestep_guidance_channels=shape("time")[1],
+        mlp_ratio=shape("mlp")[0] / 2 / inner,
         axes_dims_rope=(head_dim // 4,) * 4,
         rope_theta=2000,
         eps=1e-6,
-        guidance_embeds="guidance_in.in_layer.weight" in keys,
-    )
-
-
-def _config_from_diffusers_shapes(files: TensorFile, prefix: str) -> dict:
-    shape = lambda k: files.info(prefix + k).shape  # noqa: E731
-    keys = [k[len(prefix):] for k in files.keys() if k.startswith(prefix)]
-    inner, in_channels = shape("x_embedder.weight")
-    head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
-    return dict(
-        patch_size=1,
-        in_channels=in_channels,
-        out_channels=shape("proj_out.weight")[0],
-        num_layers=_count_blocks(keys, r"transformer_blocks\.(\d+)\."),
-        num_single_layers=_count_blocks(keys, r"single_transformer_blocks\.(\d+)\."),
-        attention_head_dim=head_dim,
-        num_attention_heads=inner // head_dim,
-        joint_attention_dim=shape("context_embedder.weight")[1],
-        timestep_guidance_channels=shape("time_guidance_embed.timestep_embedder.linear_1.weight")[1],
-        mlp_ratio=shape("transformer_blocks.0.ff.linear_in.weight")[0] / 2 / inner,
-        axes_dims_rope=(head_dim // 4,) * 4,
-        rope_theta=2000,
-        eps=1e-6,
-        guidance_embeds="time_guidance_embed.guidance_embedder.linear_1.weight" in keys,
+        guidance_embeds=names["guidance"] in keys,
     )
 
 
@@ -265,12 +258,12 @@ def inspect_transformer(path: str | os.PathLike) -> TransformerCheckpoint:
 
     prefix = _find_prefix(keys, _BFL_ANCHOR)
     if prefix is not None:
-        layout, config = "bfl", _config_from_bfl_shapes(files, prefix)
+        layout, config = "bfl", _config_from_shapes(files, prefix, "bfl")
     else:
         prefix = _find_prefix(keys, _DIFFUSERS_ANCHOR)
         if prefix is None:
             raise _foreign_model_error(os.path.basename(path.rstrip("/")), keys)
-        layout, config = "diffusers", _config_from_diffusers_shapes(files, prefix)
+        layout, config = "diffusers", _config_from_shapes(files, prefix, "diffusers")
 
     quantization, layers = _scan_quantization(files, prefix)
     inner = config["num_attention_heads"] * config["attention_head_dim"]
