@@ -79,7 +79,21 @@ def dequantize_weight(w_fp8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tenso
     Multiplying in fp32 before the cast matches ComfyUI, so both give the same weights.
     """
     scale = scale.reshape(-1, 1) if scale.ndim == 1 else scale
+    if w_fp8.device.type == "cpu" and w_fp8.dtype == torch.float8_e4m3fn:
+        return (_e4m3_to_float_over_256(w_fp8).mul_(scale * 256.0)).to(dtype)
     return (w_fp8.to(torch.float32) * scale).to(dtype)
+
+
+def _e4m3_to_float_over_256(w_fp8: Tensor) -> Tensor:
+    """``w_fp8.float() / 256``, exactly, about 4x faster than torch's own fp8 cast on a CPU.
+
+    An e4m3fn byte shifted into an fp16 bit pattern is the same number times 2^-8 (exponent bias 7
+    vs 15, subnormals included), and fp16 -> fp32 is a fast exact cast; the factor 256 then goes
+    into the scale, a power of two, so the product rounds exactly as ``w.float() * scale``. (The FP8
+    NaN code would read as 480; quantized weights never hold it.)
+    """
+    bits = w_fp8.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(~0x4000)
+    return bits.view(torch.float16).float()
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
