@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..pipelines.errors import Flux2KitError
-from ..pipelines.generate import check_text_encoder_fits, decode, sample, warn_reference_count
+from ..pipelines.generate import check_prompt_or_images, check_text_encoder_fits, decode, sample, warn_reference_count
 from ..pipelines.references import encode_references, to_pil
 from . import services
 from .encode import encode_prompt, images_input, ordered_images
@@ -41,8 +40,7 @@ class Generate(io.ComfyNode):
     def execute(cls, transformer, text_encoder, vae, prompt, aspect_ratio, resolution, width, height,
                 num_inference_steps, guidance, seed, batch_size, images=None) -> io.NodeOutput:
         flat = ordered_images(images)
-        if not prompt.strip() and not flat:
-            raise Flux2KitError("The prompt is empty and no reference image is connected: write a prompt or connect an image.")
+        check_prompt_or_images(prompt, flat)
         w, h = resolve_size(aspect_ratio, resolution, width, height, to_pil(flat[0]).size if flat else None)
         check_text_encoder_fits(transformer, text_encoder.embed_dim)
         warn_reference_count(len(flat), transformer.variant)

@@ -30,6 +30,12 @@ def check_text_encoder_fits(transformer, embed_dim: int) -> None:
         )
 
 
+def check_prompt_or_images(prompt: str, images: list) -> None:
+    """PARAMETERS.md: an empty prompt is allowed only with reference images."""
+    if not prompt.strip() and not images:
+        raise Flux2KitError("The prompt is empty and no reference image is connected: write a prompt or connect an image.")
+
+
 def warn_reference_count(count: int, variant: str = "dev") -> str | None:
     """A warning when more references are given than the variant is tuned for."""
     limit = RECOMMENDED_REFERENCES.get(variant.split("-")[0], 6)
@@ -73,8 +79,7 @@ def generate(
     transformer loads; ``text_encoder`` may then be None.
     """
     images = split_images(images)
-    if not prompt.strip() and not images:
-        raise Flux2KitError("The prompt is empty and no reference image is connected: write a prompt or connect an image.")
+    check_prompt_or_images(prompt, images)
     first_size = to_pil(images[0]).size if images else None
     width, height = resolve_size(aspect_ratio, resolution, width, height, first_size)
     check_generation(num_inference_steps, guidance, seed, batch_size)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .devices import default_dtype
 from .errors import Flux2KitError, UnsupportedFormatError
 from .safetensors_io import TensorFile, safetensors_files_in
 
@@ -222,7 +223,7 @@ def load_text_encoder(path: str, *, device="cpu", dtype: torch.dtype | str | Non
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,

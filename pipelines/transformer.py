@@ -27,7 +27,7 @@ from .checkpoint_formats import (
 )
 from .devices import default_device, default_dtype
 from .errors import Flux2KitError, forget_locals
-from .fp8 import FP8Linear, dequantize_weight
+from .fp8 import FP8Linear
 from .offload import BlockOffload
 
 log = logging.getLogger("flux2kit")

@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKLFlux2
 from torch import Tensor
 
+from .devices import default_dtype
 from .errors import Flux2KitError
 from .safetensors_io import TensorFile, safetensors_files_in
 
@@ -416,10 +417,6 @@ class Flux2VAE:
 # Loading
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def _resolve_diffusers_folder(path: str) -> tuple[str, dict | None]:
     """(folder with the VAE weights, its config.json or None) for a pipeline root or a vae folder."""
     folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
@@ -453,7 +450,7 @@ def load_vae(path: str, *, device: str | torch.device = "cpu", dtype: torch.dtyp
     """Load a FLUX.2 VAE from a BFL/ComfyUI single file or a diffusers folder (pipeline root or ``vae/``)."""
     path = os.fspath(path)
     device = torch.device(device)
-    dtype = dtype or _default_dtype(device)
+    dtype = dtype or default_dtype(device)
     if not os.path.exists(path):
         raise Flux2KitError(
             f"VAE not found: {path}. Check the path, or put flux2-vae.safetensors in ComfyUI/models/vae."
