@@ -48,6 +48,9 @@ def encode_prompt(text_encoder, prompt: str):
     services.load_to_device(text_encoder)
     encoded = text_encoder.encode(prompt)
     encoded.embeds = encoded.embeds.cpu()
+    if getattr(text_encoder, "uses_negative_prompt", False):
+        # [klein] base guides against the empty prompt: carry it, so the sampler needs no text encoder.
+        encoded.negative = text_encoder.negative_embeds().embeds.cpu()
     cache[prompt] = encoded
     while len(cache) > _PROMPT_CACHE_SIZE:
         cache.popitem(last=False)

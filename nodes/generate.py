@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..pipelines.generate import check_prompt_or_images, check_text_encoder_fits, decode, sample, warn_reference_count
+from ..pipelines.json_prompt import check_reference_mentions
 from ..pipelines.references import encode_references, to_pil
 from . import services
 from .encode import encode_prompt, images_input, ordered_images
@@ -41,9 +42,10 @@ class Generate(io.ComfyNode):
                 num_inference_steps, guidance, seed, batch_size, images=None) -> io.NodeOutput:
         flat = ordered_images(images)
         check_prompt_or_images(prompt, flat)
+        check_reference_mentions(prompt, len(flat))  # 'image 5' with 2 references wired: a clear error
         w, h = resolve_size(aspect_ratio, resolution, width, height, to_pil(flat[0]).size if flat else None)
-        check_text_encoder_fits(transformer, text_encoder.embed_dim)
-        warn_reference_count(len(flat), transformer.variant)
+        check_text_encoder_fits(transformer, text_encoder.embed_dim, getattr(text_encoder, "family", None))
+        warn_reference_count(len(flat), transformer.family)
         encoded = encode_prompt(text_encoder, prompt)
         references = None
         if flat:
@@ -53,6 +55,7 @@ class Generate(io.ComfyNode):
         services.load_to_device(transformer)
         latents = sample(transformer, encoded.embeds, references, width=w, height=h,
                          num_inference_steps=num_inference_steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                         negative_embeds=encoded.negative,
                          callback=services.step_callback(num_inference_steps, transformer.device),
                          should_cancel=services.should_cancel)
         services.load_to_device(vae)

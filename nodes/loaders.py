@@ -7,6 +7,7 @@ import os
 import torch
 from comfy_api.latest import io
 
+from ..pipelines.checkpoint_formats import KLEIN_MODES
 from ..pipelines.devices import default_dtype
 from ..pipelines.text_encoder import load_text_encoder
 from ..pipelines.transformer import load_transformer
@@ -14,7 +15,7 @@ from ..pipelines.vae import load_vae
 from . import services
 from .types import CATEGORY, VAE, TextEncoder, Transformer
 
-WEIGHT_MODES = {"fp8 as stored": "as_stored", "bf16": "dequantize"}
+WEIGHT_MODES = {"fp8 as stored": "as_stored", "bf16": "dequantize", "fp8 quantize on load": "quantize"}
 
 
 def _file_fingerprint(folders: tuple[str, ...], choice: str):
@@ -42,35 +43,76 @@ class TransformerLoader(io.ComfyNode):
             node_id="Flux2KitTransformerLoader",
             display_name="FLUX.2 Load Transformer (flux2kit)",
             category=CATEGORY,
-            description="Loads a FLUX.2 transformer from a BFL or ComfyUI single file (bf16 or FP8) or a diffusers "
-                        "folder. The layout is detected from the file itself.",
+            description="Loads a FLUX.2 transformer ([dev], [klein] 4B or 9B) from a BFL or ComfyUI single file (bf16 "
+                        "or FP8) or a diffusers folder. The layout and the model are detected from the file itself.",
             inputs=[
                 io.Combo.Input("model_name", options=services.list_models(services.TRANSFORMER_FOLDERS, component="transformer"),
                                tooltip="A file in models/diffusion_models (e.g. flux2_dev_fp8mixed.safetensors) or a "
                                        "diffusers folder (ending in /) in models/diffusion_models or models/diffusers."),
                 io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="fp8 as stored",
                                tooltip="fp8 as stored: FP8 layers stay FP8 in memory (FP8 matmuls on RTX 40xx and newer, "
-                                       "per-layer dequantization elsewhere). bf16: expand FP8 layers at load (twice the memory)."),
+                                       "per-layer dequantization elsewhere). bf16: expand FP8 layers at load (twice the memory). "
+                                       "fp8 quantize on load: a bf16 file's block linears become FP8 while loading (half "
+                                       "the memory; the same numbers as a file saved by FLUX.2 Save FP8)."),
                 io.Boolean.Input("offload_blocks", default=False,
                                  tooltip="Keep the transformer blocks in system RAM and move each to the GPU only while it "
                                          "runs: FLUX.2 [dev] on a 24 GB card, at some speed cost."),
+                io.Combo.Input("klein_mode", options=list(KLEIN_MODES), default="auto", optional=True,
+                               tooltip="FLUX.2 [klein] only ([dev] ignores it). distilled: 4 steps, no guidance (the "
+                                       "guidance input is ignored). base: about 50 steps, classifier-free guidance "
+                                       "against an empty prompt, scale = guidance. Both have identical tensors, so auto "
+                                       "uses what the file or folder says (model_index.json) and otherwise asks you to "
+                                       "pick; files named ...klein-base... are base."),
             ],
             outputs=[Transformer.Output(display_name="transformer", tooltip="The loaded FLUX.2 transformer.")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model_name, weight_mode, offload_blocks):
+    def fingerprint_inputs(cls, model_name, weight_mode, offload_blocks, klein_mode="auto"):
         return _file_fingerprint(services.TRANSFORMER_FOLDERS, model_name)
 
     @classmethod
-    def execute(cls, model_name, weight_mode, offload_blocks) -> io.NodeOutput:
+    def execute(cls, model_name, weight_mode, offload_blocks, klein_mode="auto") -> io.NodeOutput:
         path = services.resolve_model(services.TRANSFORMER_FOLDERS, model_name)
         device = services.compute_device()
         t = load_transformer(path, device=services.offload_device(), dtype=default_dtype(device),
-                             weights=WEIGHT_MODES.get(weight_mode, "as_stored"), offload_blocks=offload_blocks)
+                             weights=WEIGHT_MODES.get(weight_mode, "as_stored"), offload_blocks=offload_blocks,
+                             klein_mode=klein_mode or "auto")
         blocks = [t.model.transformer_blocks, t.model.single_transformer_blocks] if offload_blocks else []
         services.attach_patcher(t, t.model, size=_bytes(t.model, blocks))
         return io.NodeOutput(t)
+
+
+def _text_encoder_choices() -> list[str]:
+    """Model folders and single files; not the weight files inside a listed folder."""
+    choices = services.list_models(services.TEXT_ENCODER_FOLDERS, component="text_encoder")
+    folders = tuple(c for c in choices if c.endswith("/"))
+    return [c for c in choices if c.endswith("/") or not c.startswith(folders)]
+
+
+def _comfy_tokenizer(path: str) -> str | None:
+    """ComfyUI's own Qwen tokenizer folder for a Qwen3 single file (which carries none), as ComfyUI uses it."""
+    if not os.path.isfile(path) or not any(k.endswith("self_attn.q_norm.weight") for k in _header_keys(path)):
+        return None
+    try:
+        import comfy.text_encoders
+    except ImportError:
+        return None
+    # A namespace package in ComfyUI (no __init__.py, so no __file__): look along its __path__.
+    for root in getattr(comfy.text_encoders, "__path__", []):
+        folder = os.path.join(root, "qwen25_tokenizer")
+        if os.path.isdir(folder):
+            return folder
+    return None
+
+
+def _header_keys(path: str) -> list[str]:
+    from ..pipelines.safetensors_io import read_header
+
+    try:
+        return list(read_header(path).tensors)
+    except Exception:  # the loader reports a bad file itself
+        return []
 
 
 class TextEncoderLoader(io.ComfyNode):
@@ -81,24 +123,32 @@ class TextEncoderLoader(io.ComfyNode):
             display_name="FLUX.2 Load Text Encoder (flux2kit)",
             category=CATEGORY,
             description="Loads FLUX.2 [dev]'s Mistral-Small-3 text encoder from a Hugging Face folder (config, "
-                        "weights and tokenizer) or a diffusers FLUX.2 folder; only the 30 layers FLUX.2 reads.",
+                        "weights and tokenizer) or a diffusers FLUX.2 folder; only the 30 layers FLUX.2 reads. "
+                        "Also ComfyUI's single files (mistral_3_small_flux2_*.safetensors, qwen_3_*.safetensors), bf16 or FP8.",
             inputs=[
                 io.Combo.Input("text_encoder_name",
-                               options=services.list_models(services.TEXT_ENCODER_FOLDERS, component="text_encoder", files=False),
-                               tooltip="A folder in models/text_encoders (with config.json and tokenizer files) or a "
-                                       "diffusers FLUX.2 folder in models/diffusers."),
+                               options=_text_encoder_choices(),
+                               tooltip="A folder in models/text_encoders (with config.json and tokenizer files), a "
+                                       "diffusers FLUX.2 folder in models/diffusers, or a ComfyUI single file "
+                                       "(mistral_3_small_flux2_bf16/fp8.safetensors; qwen_3_*.safetensors use ComfyUI's "
+                                       "Qwen tokenizer)."),
+                io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="fp8 as stored", optional=True,
+                               tooltip="fp8 as stored: an FP8 file stays FP8 in memory, a bf16 one stays bf16. bf16: expand "
+                                       "FP8 layers at load. fp8 quantize on load: the attention and MLP linears become FP8 "
+                                       "while loading (about half the memory of bf16)."),
             ],
             outputs=[TextEncoder.Output(display_name="text_encoder", tooltip="The loaded text encoder.")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, text_encoder_name):
+    def fingerprint_inputs(cls, text_encoder_name, weight_mode=None):
         return _file_fingerprint(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
 
     @classmethod
-    def execute(cls, text_encoder_name) -> io.NodeOutput:
+    def execute(cls, text_encoder_name, weight_mode=None) -> io.NodeOutput:
         path = services.resolve_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
-        te = load_text_encoder(path, device=services.offload_device(), dtype=default_dtype(services.compute_device()))
+        te = load_text_encoder(path, device=services.offload_device(), dtype=default_dtype(services.compute_device()),
+                               weights=WEIGHT_MODES.get(weight_mode or "", "as_stored"), tokenizer=_comfy_tokenizer(path))
         services.attach_patcher(te, te.model, size=_bytes(te.model))
         return io.NodeOutput(te)
 

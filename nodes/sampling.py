@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..pipelines import parameters as P
 from ..pipelines.errors import Flux2KitError
-from ..pipelines.generate import decode, sample
+from ..pipelines.generate import check_conditioning_fits, decode, sample
 from . import services
 from .types import CATEGORY, VAE, Conditioning, References, Transformer
 
@@ -24,11 +24,16 @@ def generation_inputs() -> list:
         io.Int.Input("height", default=0, min=0, max=P.MAX_SIDE, step=P.SIZE_MULTIPLE,
                      tooltip="Exact height in pixels (multiple of 16); 0 = unset. width x height at most 4 MP."),
         io.Int.Input("num_inference_steps", default=P.DEFAULTS["dev"]["num_inference_steps"], min=P.STEPS_RANGE[0],
-                     max=P.STEPS_RANGE[1], tooltip="Denoising steps. [dev]: 28 is a good trade-off, 50 the most detail."),
+                     max=P.STEPS_RANGE[1],
+                     tooltip="Denoising steps. [dev]: 28 is a good trade-off, 50 the most detail. [klein] distilled: "
+                             f"{P.DEFAULTS['klein-distilled']['num_inference_steps']}. [klein] base: "
+                             f"{P.DEFAULTS['klein-base']['num_inference_steps']}."),
         io.Float.Input("guidance", default=P.DEFAULTS["dev"]["guidance"], min=P.GUIDANCE_RANGE[0],
                        max=P.GUIDANCE_RANGE[1], step=0.1, round=0.01,
-                       tooltip="How closely to follow the prompt ([dev]: embedded guidance, 4.0 default). Lower "
-                               "values can look more natural."),
+                       tooltip="How closely to follow the prompt. [dev]: embedded guidance, 4.0 default; lower values "
+                               "can look more natural. [klein] distilled: ignored. [klein] base: classifier-free "
+                               "guidance scale against an empty prompt (4.0 usual; 1 or less turns it off, and above "
+                               "1 each step runs the model twice)."),
         io.Int.Input("seed", default=0, min=0, max=P.MAX_SEED, control_after_generate=True,
                      tooltip="Noise seed. The same seed gives the same image on any device; image i of a batch "
                              "uses seed + i."),
@@ -67,10 +72,12 @@ class Sampler(io.ComfyNode):
                 guidance, seed, batch_size, references=None) -> io.NodeOutput:
         first = references.first_size if references is not None else None
         w, h = resolve_size(aspect_ratio, resolution, width, height, first)
+        check_conditioning_fits(transformer, conditioning)
         services.load_to_device(transformer)
         latents = sample(transformer, conditioning.embeds, references, width=w, height=h,
                          num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
-                         batch_size=batch_size, callback=services.step_callback(num_inference_steps, transformer.device),
+                         batch_size=batch_size, negative_embeds=getattr(conditioning, "negative", None),
+                         callback=services.step_callback(num_inference_steps, transformer.device),
                          should_cancel=services.should_cancel)
         return io.NodeOutput({"samples": latents.contiguous()})
 

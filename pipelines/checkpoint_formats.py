@@ -11,11 +11,18 @@ Layouts seen in the wild (all detected from the safetensors header, never from f
 - ComfyUI legacy ``scaled_fp8``: a ``scaled_fp8`` marker plus ``scale_weight`` / ``scale_input``.
 - diffusers folders (``transformer/config.json`` + ``diffusion_pytorch_model*.safetensors``) and
   diffusers-named single files.
+
+Variants: [dev] has a guidance embedding, [klein] has none; the widths tell [dev], [klein] 4B and
+[klein] 9B apart (other widths are "custom", [dev]-like or [klein]-like by the guidance embedding).
+[klein] distilled and base have identical tensors, so which one a file holds is read only from what
+the file says about itself (``is_distilled`` in the safetensors metadata, or in the
+``model_index.json`` of a diffusers folder), never guessed; otherwise the loader's setting decides.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,6 +43,8 @@ VARIANTS = {  # (inner dim, text width) -> variant, from the model family table
     (3072, 7680): "klein-4b",
     (4096, 12288): "klein-9b",
 }
+KLEIN_MODES = ("auto", "distilled", "base")
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 @dataclass(frozen=True)
@@ -60,13 +69,21 @@ class TransformerCheckpoint:
     variant: str  # "dev" | "klein-4b" | "klein-9b" | "custom"
     layers: dict[str, LayerQuant] = field(default_factory=dict)  # source layer name -> storage
     source: str = ""
+    distilled: bool | None = None  # [klein]: what the file says (None: it does not say)
+    distilled_from: str = ""  # where ``distilled`` was read
+
+    @property
+    def family(self) -> str:
+        """"dev" (guidance embedding) or "klein" (none)."""
+        return "dev" if self.config["guidance_embeds"] else "klein"
 
     @property
     def description(self) -> str:
         q = {"none": "bf16/fp32", "comfy-fp8": "ComfyUI FP8", "comfy-scaled-fp8": "ComfyUI scaled FP8 (legacy)",
              "bfl-fp8r": "BFL FP8 (per-row scales)", "fp8-unscaled": "FP8 (unscaled)"}[self.quantization]
         c = self.config
-        return (f"FLUX.2 [{self.variant}] transformer, {self.layout} layout, {q}, "
+        name = self.variant if self.variant != "custom" else f"custom, {self.family}-like"
+        return (f"FLUX.2 [{name}] transformer, {self.layout} layout, {q}, "
                 f"{c['num_layers']} double + {c['num_single_layers']} single blocks, "
                 f"width {c['num_attention_heads'] * c['attention_head_dim']}")
 
@@ -186,7 +203,9 @@ def _count_blocks(keys: list[str], pattern: str) -> int:
 
 _CONFIG_KEYS = {  # layout -> where each config value can be read from tensor shapes
     "bfl": dict(x="img_in.weight", out="final_layer.linear.weight", txt="txt_in.weight",
-                head="double_blocks.0.img_attn.norm.query_norm.scale", time="time_in.in_layer.weight",
+                # ComfyUI's ModelSave writes the RMSNorm weights as .weight where BFL writes .scale
+                head=("double_blocks.0.img_attn.norm.query_norm.scale", "double_blocks.0.img_attn.norm.query_norm.weight"),
+                time="time_in.in_layer.weight",
                 mlp="double_blocks.0.img_mlp.0.weight", guidance="guidance_in.in_layer.weight",
                 double=r"double_blocks\.(\d+)\.", single=r"single_blocks\.(\d+)\."),
     "diffusers": dict(x="x_embedder.weight", out="proj_out.weight", txt="context_embedder.weight",
@@ -201,8 +220,17 @@ _CONFIG_KEYS = {  # layout -> where each config value can be read from tensor sh
 def _config_from_shapes(files: TensorFile, prefix: str, layout: str) -> dict:
     """Flux2Transformer2DModel's config, read off the tensor shapes (no config file needed)."""
     names = _CONFIG_KEYS[layout]
-    shape = lambda k: files.info(prefix + names[k]).shape  # noqa: E731
     keys = [k[len(prefix):] for k in files.keys() if k.startswith(prefix)]
+    present = set(keys)
+
+    def shape(what: str):
+        options = names[what] if isinstance(names[what], tuple) else (names[what],)
+        name = next((n for n in options if n in present), None)
+        if name is None:
+            raise Flux2KitError(f"{files.name} looks like a FLUX.2 transformer but has no {options[0]} tensor: the file "
+                                "is incomplete or from another model: download it again.")
+        return files.info(prefix + name).shape
+
     inner, in_channels = shape("x")
     head_dim = shape("head")[0]
     return dict(
@@ -221,6 +249,72 @@ def _config_from_shapes(files: TensorFile, prefix: str, layout: str) -> dict:
         eps=1e-6,
         guidance_embeds=names["guidance"] in keys,
     )
+
+
+def detect_variant(config: dict) -> str:
+    """"dev", "klein-4b", "klein-9b" or "custom", from the widths and the guidance embedding."""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    variant = VARIANTS.get((inner, config["joint_attention_dim"]), "custom")
+    if (variant == "dev") != bool(config["guidance_embeds"]):
+        return "custom"  # a known width with the other family's guidance input: not a released model
+    return variant
+
+
+def _parse_flag(value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
+def read_distilled(path: str, files: TensorFile) -> tuple[bool | None, str]:
+    """``(is_distilled, where it was read)`` from the file's own metadata, or ``(None, "")``.
+
+    Looked for: ``is_distilled`` in the safetensors header metadata, and in a diffusers folder the
+    pipeline's ``model_index.json`` (Flux2KleinPipeline registers ``is_distilled`` there).
+    """
+    value = files.metadata.get("is_distilled")
+    if value is not None and _parse_flag(value) is not None:
+        return _parse_flag(value), f"the safetensors metadata of {files.name}"
+    if os.path.isdir(path):
+        root = path if os.path.isdir(os.path.join(path, "transformer")) else os.path.dirname(os.path.abspath(path))
+        index = os.path.join(root, "model_index.json")
+        try:
+            with open(index, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError):
+            return None, ""
+        if isinstance(raw, dict) and _parse_flag(raw.get("is_distilled")) is not None:
+            return _parse_flag(raw["is_distilled"]), index
+    return None, ""
+
+
+def resolve_klein_mode(ckpt: "TransformerCheckpoint", klein_mode: str = "auto") -> bool | None:
+    """Distilled (True) or base (False) for a [klein] checkpoint; None for [dev].
+
+    The file's own metadata decides under "auto"; an explicit setting wins (with a warning when the
+    file says otherwise). Unknown under "auto" is an error: the tensors are the same, so never guess.
+    """
+    if klein_mode not in KLEIN_MODES:
+        raise Flux2KitError(f"Unknown klein_mode {klein_mode!r}; use one of {', '.join(KLEIN_MODES)}.")
+    if ckpt.family != "klein":
+        return None
+    if klein_mode == "auto":
+        if ckpt.distilled is None:
+            raise Flux2KitError(
+                f"{ckpt.files.name} is a FLUX.2 [klein] transformer, and its file does not say whether it is the "
+                "distilled model (4 steps, no guidance) or the base model (about 50 steps, classifier-free guidance): "
+                "their tensors are identical. Pick klein_mode 'distilled' or 'base' in the transformer loader "
+                "(files named ...klein-base... are base, the others distilled)."
+            )
+        return ckpt.distilled
+    wanted = klein_mode == "distilled"
+    if ckpt.distilled is not None and ckpt.distilled != wanted:
+        logging.getLogger("flux2kit").warning(
+            "%s says it is the %s [klein] model (%s), but klein_mode is '%s': running it as %s, as set.",
+            ckpt.files.name, "distilled" if ckpt.distilled else "base", ckpt.distilled_from, klein_mode, klein_mode,
+        )
+    return wanted
 
 
 def _diffusers_folder_files(path: str) -> tuple[list[str], dict]:
@@ -266,15 +360,11 @@ def inspect_transformer(path: str | os.PathLike) -> TransformerCheckpoint:
         layout, config = "diffusers", _config_from_shapes(files, prefix, "diffusers")
 
     quantization, layers = _scan_quantization(files, prefix)
-    inner = config["num_attention_heads"] * config["attention_head_dim"]
-    variant = VARIANTS.get((inner, config["joint_attention_dim"]), "custom")
-    if variant.startswith("klein") or (variant == "custom" and not config["guidance_embeds"]):
-        raise UnsupportedFormatError(
-            f"{files.name} is a FLUX.2 [klein] transformer (no guidance embedding). [klein] support comes in a "
-            "later flux2kit version; use a FLUX.2 [dev] checkpoint for now."
-        )
+    variant = detect_variant(config)
+    distilled, distilled_from = read_distilled(path, files) if not config["guidance_embeds"] else (None, "")
     return TransformerCheckpoint(files=files, layout=layout, quantization=quantization, prefix=prefix,
-                                 config=config, variant=variant, layers=layers, source=path)
+                                 config=config, variant=variant, layers=layers, source=path, distilled=distilled,
+                                 distilled_from=distilled_from)
 
 
 # ----------------------------------------------------------------------------------------------

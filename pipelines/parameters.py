@@ -19,7 +19,18 @@ MAX_SEED = 2**64 - 1
 BATCH_RANGE = (1, 16)
 MAX_REFERENCES = 10
 RECOMMENDED_REFERENCES = {"dev": 6, "klein": 4}
-DEFAULTS = {"dev": {"num_inference_steps": 28, "guidance": 4.0}}
+DEFAULTS = {  # per model (PARAMETERS.md); [klein] distilled runs without guidance
+    "dev": {"num_inference_steps": 28, "guidance": 4.0},
+    "klein-distilled": {"num_inference_steps": 4, "guidance": 1.0},
+    "klein-base": {"num_inference_steps": 50, "guidance": 4.0},
+}
+
+
+def defaults_for(family: str, distilled: bool | None = None) -> dict:
+    """Default steps and guidance for "dev", or "klein" distilled / base."""
+    if family == "klein":
+        return DEFAULTS["klein-distilled" if distilled else "klein-base"]
+    return DEFAULTS["dev"]
 
 
 def size_from_aspect(aspect_ratio: str, resolution: str, first_image_size: tuple[int, int] | None = None) -> tuple[int, int]:

@@ -68,6 +68,10 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
+def _batch(embeds: torch.Tensor, b: int) -> torch.Tensor:
+    return embeds if embeds.shape[0] == b else embeds.expand(b, -1, -1)
+
+
 def denoise(
     transformer,
     noise: torch.Tensor,
@@ -76,6 +80,7 @@ def denoise(
     num_steps: int,
     guidance: float | None,
     references=None,
+    negative_embeds: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -85,18 +90,32 @@ def denoise(
     image tokens and cut off the output. ``callback(step, total, denoised)`` runs after each step
     with the model's current estimate of the clean latents (B, 128, h, w), for previews;
     ``should_cancel()`` is checked before every step.
+
+    Guidance by model: [dev] embeds ``guidance`` in the transformer; [klein] distilled ignores it;
+    [klein] base runs classifier-free guidance with scale ``guidance`` against ``negative_embeds``
+    (the empty prompt), as diffusers' Flux2KleinPipeline does: only when the scale is above 1, with
+    a separate unconditional pass, ``uncond + scale * (cond - uncond)``.
     """
     device, dtype = transformer.device, transformer.dtype
     b, _, h, w = noise.shape
     if prompt_embeds.shape[-1] != transformer.text_width:
         raise Flux2KitError(
             f"The prompt embeddings are {prompt_embeds.shape[-1]} wide but this transformer expects {transformer.text_width}: "
-            "the text encoder does not belong to this model. FLUX.2 [dev] needs the Mistral-Small-3 text encoder."
+            "the text encoder does not belong to this model. FLUX.2 [dev] needs the Mistral-Small-3 text encoder, "
+            "FLUX.2 [klein] the Qwen3 encoder of its size."
         )
-    text = prompt_embeds.to(device, dtype)
-    if text.shape[0] != b:
-        text = text.expand(b, -1, -1)
+    text = _batch(prompt_embeds.to(device, dtype), b)
+    cfg = bool(getattr(transformer, "uses_cfg", False)) and guidance is not None and guidance > 1.0
+    negative = None
+    if cfg:
+        if negative_embeds is None:
+            raise Flux2KitError(
+                "FLUX.2 [klein] base needs the empty prompt's embeddings for classifier-free guidance; encode the "
+                "prompt with the model's Qwen3 text encoder (FLUX.2 Text Encode adds them)."
+            )
+        negative = _batch(negative_embeds.to(device, dtype), b)
     t_ids = text_ids(b, text.shape[1]).to(device)
+    neg_ids = text_ids(b, negative.shape[1]).to(device) if negative is not None else None
     img_ids = latent_ids(b, h, w).to(device)
     ref_tokens = None
     if references is not None:
@@ -118,7 +137,11 @@ def denoise(
                 x = torch.cat([x, ref_tokens], dim=1)
             # The model sees the timestep as the scheduler stores it: sigma * 1000, divided back.
             sigma = ((sigmas[i] * 1000.0) / 1000.0).expand(b).to(dtype)
-            v = transformer(x, img_ids, text, t_ids, sigma, g)[:, :n_img].float()
+            v = transformer(x, img_ids, text, t_ids, sigma, g)[:, :n_img]
+            if negative is not None:
+                v_neg = transformer(x, img_ids, negative, neg_ids, sigma, g)[:, :n_img]
+                v = v_neg + guidance * (v - v_neg)
+            v = v.float()
             if callback is not None:
                 denoised = latents - sigmas[i] * v  # flow matching: x0 = x_t - sigma * v
             latents = latents + (sigmas[i + 1] - sigmas[i]) * v

@@ -18,12 +18,14 @@ from diffusers import Flux2Transformer2DModel
 from torch import nn
 
 from .checkpoint_formats import (
+    KLEIN_MODES,
     Target,
     TransformerCheckpoint,
     apply_op,
     inspect_transformer,
     map_bfl_key,
     map_diffusers_key,
+    resolve_klein_mode,
 )
 from .devices import default_device, default_dtype
 from .errors import Flux2KitError, forget_locals
@@ -32,7 +34,7 @@ from .offload import BlockOffload
 
 log = logging.getLogger("flux2kit")
 
-WEIGHT_MODES = ("as_stored", "dequantize")
+WEIGHT_MODES = ("as_stored", "dequantize", "quantize")  # quantize: bf16 -> FP8 on load (pipelines/quantize.py)
 _FUSED_QKV = {"img_attn.qkv": "attn.to_qkv", "txt_attn.qkv": "attn.to_added_qkv"}
 
 
@@ -48,6 +50,24 @@ class Flux2Transformer:
     device: torch.device
     dtype: torch.dtype
     offload: BlockOffload | None = None
+    distilled: bool | None = None  # [klein]: True = distilled (no guidance), False = base (CFG); [dev]: None
+
+    @property
+    def family(self) -> str:
+        """"dev" (embedded guidance) or "klein" (none: distilled, or base with classifier-free guidance)."""
+        return "dev" if self.guidance_embeds else "klein"
+
+    @property
+    def uses_cfg(self) -> bool:
+        """[klein] base runs classifier-free guidance against the empty prompt."""
+        return self.family == "klein" and self.distilled is False
+
+    @property
+    def name(self) -> str:
+        """For messages: "FLUX.2 [dev]", "FLUX.2 [klein] 4B distilled", ..."""
+        size = {"klein-4b": " 4B", "klein-9b": " 9B"}.get(self.variant, "")
+        mode = "" if self.distilled is None else (" distilled" if self.distilled else " base")
+        return f"FLUX.2 [{self.family}]{size}{mode}"
 
     def __repr__(self) -> str:  # short: ComfyUI puts node inputs' reprs into its error reports
         return f"Flux2Transformer({self.checkpoint}, device={self.device}, dtype={self.dtype})"
@@ -224,18 +244,31 @@ def load_transformer(
     dtype: torch.dtype | None = None,
     weights: str = "as_stored",
     offload_blocks: bool = False,
+    klein_mode: str = "auto",
 ) -> Flux2Transformer:
     """Load a FLUX.2 transformer (BFL / ComfyUI / diffusers layout, bf16 or FP8).
 
     ``weights="as_stored"`` keeps FP8 layers FP8 in memory; ``"dequantize"`` expands them to ``dtype``.
     ``offload_blocks`` keeps the transformer blocks on the CPU and moves each to ``device`` only while
-    it runs (the 32B model on a 24 GB card).
+    it runs (the 32B model on a 24 GB card). ``klein_mode`` ("auto", "distilled", "base") says which
+    [klein] model a file holds when the file itself does not ("auto" then raises); [dev] ignores it.
     """
     if weights not in WEIGHT_MODES:
         raise Flux2KitError(f"Unknown weight mode {weights!r}; use one of {', '.join(WEIGHT_MODES)}.")
+    if klein_mode not in KLEIN_MODES:
+        raise Flux2KitError(f"Unknown klein_mode {klein_mode!r}; use one of {', '.join(KLEIN_MODES)}.")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     ckpt = inspect_transformer(path)
+    try:
+        distilled = resolve_klein_mode(ckpt, klein_mode)
+    except BaseException:
+        ckpt.files.close()
+        raise
+    if weights == "quantize":  # the ComfyUI FP8 file save_fp8_transformer would write, read lazily
+        from .quantize import quantized_transformer_checkpoint
+
+        ckpt, weights = quantized_transformer_checkpoint(ckpt), "as_stored"
     model = None
     try:
         with torch.device("meta"):
@@ -260,10 +293,13 @@ def load_transformer(
         if offload_blocks:
             offload = BlockOffload(list(model.transformer_blocks) + list(model.single_transformer_blocks),
                                    device=device, storage=storage)
+        description = ckpt.description
+        if distilled is not None:
+            description += ", distilled" if distilled else ", base (classifier-free guidance)"
         return Flux2Transformer(
-            model=model, checkpoint=ckpt.description, source=os.fspath(path), variant=ckpt.variant,
+            model=model, checkpoint=description, source=os.fspath(path), variant=ckpt.variant,
             quantization=ckpt.quantization if weights == "as_stored" else "none", device=device, dtype=dtype,
-            offload=offload)
+            offload=offload, distilled=distilled)
     except BaseException as exc:
         # Nothing half-loaded stays in memory after a failure, not even through the traceback.
         del model

@@ -324,12 +324,13 @@ def test_tokenizer_without_chat_template(root, tmp_path):
         load_text_encoder(str(tmp_path / "r"))
 
 
-def test_qwen3_encoder_is_klein_not_dev(tmp_path):
+def test_other_qwen_models_are_not_klein_encoders(tmp_path):
+    # Qwen3 itself loads (tests/test_klein.py); other Qwen generations are named and refused.
     _write_config(
         str(tmp_path),
-        {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36},
+        {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2048, "num_hidden_layers": 36},
     )
-    with pytest.raises(Flux2KitError, match=r"Qwen.*\[klein\].*later version"):
+    with pytest.raises(Flux2KitError, match=r"Qwen2ForCausalLM.*\[klein\] uses a dense Qwen3"):
         load_text_encoder(str(tmp_path))
 
 

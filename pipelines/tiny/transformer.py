@@ -1,4 +1,4 @@
-"""A tiny random FLUX.2 [dev]-architecture transformer, saved in every checkpoint layout we load.
+"""A tiny random FLUX.2 [dev]- or [klein]-architecture transformer, saved in every checkpoint layout we load.
 
 Weights are rounded to bf16 once, so the bf16 files hold them exactly; FP8 layouts store the same
 quantized block weights (one per-tensor scale per layer), so every FP8 layout describes the same
@@ -31,6 +31,22 @@ def tiny_transformer_config(**overrides) -> dict:
                eps=1e-6, guidance_embeds=True)
     cfg.update(overrides)
     return cfg
+
+
+# Tiny [klein] text widths: 3 x the hidden size of the tiny Qwen3 encoders that feed them
+# (pipelines/tiny/qwen3.py), standing in for Qwen3-4B (7680) and Qwen3-8B (12288).
+KLEIN_TEXT_WIDTHS = {"4b": 192, "9b": 288}
+
+
+def tiny_klein_config(size: str = "4b", **overrides) -> dict:
+    """A tiny [klein]-like config: no guidance embedding; the text width of the tiny Qwen3 for ``size``."""
+    return tiny_transformer_config(**{"guidance_embeds": False, "joint_attention_dim": KLEIN_TEXT_WIDTHS[size],
+                                      **overrides})
+
+
+def build_tiny_klein(seed: int = 0, size: str = "4b", **overrides) -> Flux2Transformer2DModel:
+    """A random tiny [klein]-architecture transformer (``tiny_klein_config``)."""
+    return build_tiny_transformer(seed, **tiny_klein_config(size, **overrides))
 
 
 def build_tiny_transformer(seed: int = 0, **overrides) -> Flux2Transformer2DModel:
@@ -111,20 +127,32 @@ def _quantized(bfl: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
     return {k[: -len(".weight")]: quantize_weight(v.float()) for k, v in bfl.items() if _is_quantized_layer(k)}
 
 
-def save_transformer(model: Flux2Transformer2DModel, path: str, layout: str) -> str:
-    """Write ``model`` at ``path`` in one of ``LAYOUTS``; returns the path to give the loader."""
+def save_transformer(model: Flux2Transformer2DModel, path: str, layout: str, *,
+                     is_distilled: bool | None = None) -> str:
+    """Write ``model`` at ``path`` in one of ``LAYOUTS``; returns the path to give the loader.
+
+    ``is_distilled`` (for [klein]) is recorded where real files record it: a diffusers folder's
+    ``model_index.json`` (as ``Flux2KleinPipeline.save_pretrained`` writes it), or ``is_distilled``
+    in a single file's safetensors metadata. None records nothing.
+    """
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    flag = {} if is_distilled is None else {"is_distilled": "true" if is_distilled else "false"}
     if layout == "diffusers":
         os.makedirs(path, exist_ok=True)
         model.to(torch.bfloat16).save_pretrained(os.path.join(path, "transformer"), safe_serialization=True)
         model.float()
+        if is_distilled is not None:
+            index = {"_class_name": "Flux2KleinPipeline", "is_distilled": bool(is_distilled),
+                     "transformer": ["diffusers", "Flux2Transformer2DModel"]}
+            with open(os.path.join(path, "model_index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
         return path
     if layout == "diffusers-file":
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, path)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, path, metadata=flag or None)
         return path
     bfl = to_bfl(sd)
     out: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
+    metadata: dict[str, str] = dict(flag)
     quant = _quantized(bfl) if layout in FP8_LAYOUTS else {}
     for key, t in bfl.items():
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
