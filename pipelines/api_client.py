@@ -1,0 +1,484 @@
+"""Transport and polling for hosted FLUX.2 APIs: submit once, poll with backoff, download at once.
+
+Standard library only; no ComfyUI. The provider-specific request and response shapes live in
+``api_providers.py``; this module knows only the life of a job:
+
+1. submit: POST the request. It is resubmitted only when the provider provably did not accept it
+   (an answer of 429 or 503, or a connection that was never made). After an ambiguous failure
+   (the connection dropped after the request was sent, an unreadable answer) nobody knows whether
+   the job runs and is charged, so we report that state instead of paying twice.
+2. poll: follow the polling URL with backoff and jitter until a final status or the deadline;
+   429, 5xx and dropped connections while polling are retried (polling is free and idempotent).
+3. download: fetch the result at once (hosted result URLs expire within minutes).
+
+The API key goes only into the provider's auth header, and only to hosts the caller trusts; it
+never appears in messages, logs or return values (``redact`` removes it from any text we pass on).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import random
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .errors import Flux2KitError
+
+USER_AGENT = "flux2kit"
+MAX_ERROR_BODY = 600  # characters of a provider's error body quoted in a message
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+class ApiError(Flux2KitError):
+    """A hosted-API job failed; the message says what happened and what to do."""
+
+    def __init__(self, message: str, *, kind: str = "error", status: int | None = None, request_id: str | None = None):
+        super().__init__(message)
+        self.kind, self.status, self.request_id = kind, status, request_id
+
+
+class UnknownStateError(ApiError):
+    """The submit may or may not have been accepted (and charged); we did not resubmit."""
+
+    def __init__(self, message: str, **kw):
+        super().__init__(message, kind="unknown", **kw)
+
+
+class Cancelled(Exception):
+    """The user pressed Cancel while a job was being submitted, polled or downloaded."""
+
+
+class _NotSent(Exception):
+    """The request never reached the server (refused, unreachable): safe to send again."""
+
+
+class _NoAnswer(Exception):
+    """The request was (possibly) sent but no complete answer came back: the server may have acted on it."""
+
+
+def redact(text: str, secrets) -> str:
+    """``text`` with every secret replaced by ``***``."""
+    for s in secrets or ():
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+# -- policy ----------------------------------------------------------------------------------------
+
+@dataclass
+class RetryPolicy:
+    """Waits and limits. Defaults suit the hosted APIs; tests pass tiny ones."""
+
+    first_poll_delay: float = 1.0  # seconds before the first poll
+    poll_interval: float = 1.0  # first wait between polls; grows by ``factor`` up to ``max_poll_interval``
+    max_poll_interval: float = 5.0
+    factor: float = 1.5
+    jitter: float = 0.25  # +- this fraction of each wait, so a batch's polls spread out
+    retry_delay: float = 2.0  # first wait after a 429/5xx/dropped connection; doubles up to ``max_retry_delay``
+    max_retry_delay: float = 30.0
+    submit_attempts: int = 5  # submits of one job when the provider provably did not accept it
+    download_attempts: int = 4
+    deadline: float = 600.0  # seconds for the whole batch, from the first submit
+    connect_timeout: float = 15.0
+    read_timeout: float = 120.0  # per request; the sync endpoints answer only when the image is ready
+    cancel_check: float = 0.05  # how often a wait checks for Cancel
+
+    def wait_for(self, base: float) -> float:
+        return max(0.0, base * (1.0 + random.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def text(self, limit: int = MAX_ERROR_BODY) -> str:
+        text = self.body.decode("utf-8", "replace").strip()
+        return text if len(text) <= limit else text[:limit] + "..."
+
+
+# -- transport -------------------------------------------------------------------------------------
+
+def host_of(url: str) -> str:
+    return (urllib.parse.urlsplit(url).hostname or "").lower()
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+class Transport:
+    """One HTTP request at a time over http.client, telling "never sent" apart from "sent, no answer"."""
+
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+
+    def request(self, method: str, url: str, headers: dict | None = None, body: bytes | None = None,
+                timeout: float | None = None) -> Response:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ApiError(f"Not an http(s) URL: {parts.scheme}://{parts.hostname or ''}{parts.path}. Check the base URL.",
+                           kind="config")
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        kw = {"context": ssl.create_default_context()} if parts.scheme == "https" else {}
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        proxy = _proxy_for(parts)
+        if proxy is None:
+            conn = cls(parts.hostname, parts.port, timeout=self.policy.connect_timeout, **kw)
+        else:  # HTTPS_PROXY / HTTP_PROXY from the environment, as urllib would use them
+            proxy_headers = {}
+            if proxy.username:
+                cred = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+                proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
+            conn = cls(proxy.hostname, proxy.port or 8080, timeout=self.policy.connect_timeout, **kw)
+            if parts.scheme == "https":
+                conn.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_headers)
+            else:
+                path, headers = url, {**(headers or {}), **proxy_headers}
+        all_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
+        if body is not None:
+            all_headers.setdefault("Content-Type", "application/json")
+        try:
+            try:
+                conn.connect()
+            except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as e:
+                raise _NotSent(f"{type(e).__name__}: {e}") from None
+            conn.sock.settimeout(timeout or self.policy.read_timeout)
+            try:
+                conn.request(method, path, body=body, headers=all_headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.HTTPException, OSError) as e:
+                raise _NoAnswer(f"{type(e).__name__}: {e}") from None
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        finally:
+            conn.close()
+
+
+def _proxy_for(parts):
+    """The proxy urllib would use for this URL (environment variables), never for loopback."""
+    if is_loopback((parts.hostname or "").lower()):
+        return None
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+@dataclass
+class Submitted:
+    """What a provider said when it accepted a job."""
+
+    request_id: str | None
+    poll_url: str | None = None  # None when the answer already holds the result (sync endpoints)
+    cost_usd: float | None = None  # as reported by the provider
+    result: "PollState | None" = None
+
+
+@dataclass
+class PollState:
+    """One poll answer, normalised: state is pending, ready or failed."""
+
+    state: str
+    status: str = ""  # the provider's own word, for messages
+    message: str = ""
+    result_url: str | None = None
+    image_bytes: bytes | None = None
+    progress: float | None = None  # 0..1 when the provider reports it
+
+
+@dataclass
+class JobResult:
+    index: int
+    seed: int
+    request_id: str | None
+    image_bytes: bytes
+    cost_usd: float | None
+    status_log: list[str] = field(default_factory=list)
+
+
+class _Deadline:
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+class JobRunner:
+    """Runs a batch of provider jobs: at most ``limit`` at once, one deadline for all.
+
+    ``provider`` supplies the request/response mapping (see api_providers.Provider); ``should_cancel``
+    is polled during every wait; ``on_status(index, status, progress)`` reports progress.
+    """
+
+    def __init__(self, provider, key: str, *, policy: RetryPolicy | None = None, limit: int = 4,
+                 should_cancel=None, on_status=None, transport: Transport | None = None, log=None):
+        self.provider, self._key = provider, key
+        self.policy = policy or RetryPolicy()
+        self.limit = max(1, int(limit))
+        self.should_cancel = should_cancel or (lambda: False)
+        self.on_status = on_status or (lambda index, status, progress: None)
+        self.transport = transport or Transport(self.policy)
+        self.log = log or (lambda message: None)
+        self._cancelled = threading.Event()
+        self._deadline = _Deadline(self.policy.deadline)
+
+    # -- helpers
+
+    def _redact(self, text: str) -> str:
+        return redact(text, [self._key])
+
+    def _check_cancel(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled()
+        if self.should_cancel():
+            self._cancelled.set()
+            raise Cancelled()
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while True:
+            self._check_cancel()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, self.policy.cancel_check))
+
+    def _headers_for(self, url: str) -> dict:
+        """The auth header, only for hosts the provider trusts with the key."""
+        return self.provider.auth_headers(self._key) if self.provider.trusts(url) else {}
+
+    def _retry_after(self, resp: Response, fallback: float) -> float:
+        try:
+            return min(float(resp.headers.get("retry-after", "")), self.policy.max_retry_delay)
+        except ValueError:
+            return fallback
+
+    # -- one job
+
+    def run(self, jobs: list, *, allow_partial: bool = False) -> list[JobResult]:
+        """Submit, poll and download every job; results in job order. Raises the first failure (by index).
+
+        ``allow_partial``: when some images finished (and were paid for) and others failed, return the
+        finished ones and leave the failures in ``self.failures`` ({job index: ApiError}) instead.
+        """
+        results: list[JobResult | None] = [None] * len(jobs)
+        errors: dict[int, BaseException] = {}
+        self.failures: dict[int, ApiError] = {}
+        stop_submitting = threading.Event()
+
+        def work(i, job):
+            if stop_submitting.is_set():
+                return
+            try:
+                results[i] = self._run_one(i, job)
+            except BaseException as e:  # noqa: BLE001 - collected and re-raised below
+                errors[i] = e
+                if not isinstance(e, ApiError) or e.kind in ("auth", "credits", "config", "unknown", "cancelled"):
+                    stop_submitting.set()  # the others would fail the same way (or be paid for nothing)
+                if isinstance(e, Cancelled):
+                    self._cancelled.set()
+
+        with ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="flux2kit-api") as pool:
+            for future in [pool.submit(work, i, job) for i, job in enumerate(jobs)]:
+                future.result()
+        if any(isinstance(e, Cancelled) for e in errors.values()) or self._cancelled.is_set():
+            raise Cancelled()
+        done = [r for r in results if r is not None]
+        if errors and allow_partial and done and all(isinstance(e, ApiError) for e in errors.values()):
+            self.failures = {i: type(e)(self._redact(str(e)), **_error_fields(e)) for i, e in sorted(errors.items())}
+            return done
+        if errors:
+            first = min(errors)
+            err = errors[first]
+            done = [r for r in results if r is not None]
+            if isinstance(err, ApiError):
+                note = str(err)
+                if len(jobs) > 1:
+                    note = f"Image {first + 1} of {len(jobs)} (seed {jobs[first].seed}): {note}"
+                    if done:
+                        ids = ", ".join(r.request_id or "?" for r in done)
+                        note += f" ({len(done)} other image(s) finished and were charged: request id(s) {ids}.)"
+                if note != str(err) or self._redact(note) != note:  # provider texts are quoted: never the key
+                    raise type(err)(self._redact(note), **_error_fields(err)) from None
+            raise err
+        return results  # type: ignore[return-value]
+
+    def _run_one(self, index: int, job) -> JobResult:
+        log: list[str] = []
+
+        def status(text, progress=None):
+            log.append(text)
+            self.on_status(index, text, progress)
+
+        status("submitting")
+        sub = self._submit(job)
+        status("accepted" + (f" (request id {sub.request_id})" if sub.request_id else ""), 0.1)
+        state = sub.result
+        if state is None:
+            state = self._poll(sub, status)
+        image = state.image_bytes
+        if image is None:
+            status("downloading", 0.95)
+            image = self._download(state.result_url, sub.request_id)
+        status("done", 1.0)
+        return JobResult(index=index, seed=job.seed, request_id=sub.request_id, image_bytes=image,
+                         cost_usd=sub.cost_usd, status_log=log)
+
+    def _submit(self, job) -> Submitted:
+        method, url, body = self.provider.submit_request(job)
+        name = self.provider.name
+        delay = self.policy.retry_delay
+        last = ""
+        for attempt in range(1, self.policy.submit_attempts + 1):
+            self._check_cancel()
+            if self._deadline.left() <= 0:
+                break
+            try:
+                resp = self.transport.request(method, url, self._headers_for(url), body)
+            except _NotSent as e:
+                last = f"could not connect to {host_of(url)} ({e})"
+                self.log(f"{name}: {last}; retrying")
+                self._sleep(self.policy.wait_for(delay))
+                delay = min(delay * 2, self.policy.max_retry_delay)
+                continue
+            except _NoAnswer as e:
+                raise UnknownStateError(self._redact(
+                    f"{name}: the connection to {host_of(url)} dropped after the request was sent ({e}). The job may "
+                    f"have been accepted and charged, so it was NOT sent again. {self.provider.where_to_check()}")) from None
+            if resp.status in (429, 503):
+                last = f"{name} answered {resp.status} ({'too many requests' if resp.status == 429 else 'busy'})"
+                self.log(f"{last}; retrying")
+                self._sleep(self.policy.wait_for(self._retry_after(resp, delay)))
+                delay = min(delay * 2, self.policy.max_retry_delay)
+                continue
+            if resp.status >= 500:
+                raise UnknownStateError(self._redact(
+                    f"{name} answered {resp.status} to the submit ({resp.text()}). It is not certain the job was "
+                    f"refused, so it was NOT sent again. {self.provider.where_to_check()}"), status=resp.status)
+            if resp.status >= 400:
+                raise self._http_error(resp, "submit")
+            try:
+                data = resp.json()
+                sub = self.provider.parse_submit(data, job)
+            except ApiError:
+                raise
+            except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                raise UnknownStateError(self._redact(
+                    f"{name} answered the submit with something unreadable ({resp.text(200)!r}). The job may have "
+                    f"been accepted and charged, so it was NOT sent again. {self.provider.where_to_check()}")) from None
+            return sub
+        if self._deadline.left() <= 0:
+            raise ApiError(f"{name}: the deadline of {self.policy.deadline:g} s passed before the job could be "
+                           f"submitted ({last or 'no attempt'}). Nothing was charged. Raise the timeout or try later.",
+                           kind="deadline")
+        raise ApiError(self._redact(f"{name}: the job was not accepted after {self.policy.submit_attempts} attempts "
+                                    f"({last}). Nothing was charged. {self.provider.busy_hint()}"), kind="busy")
+
+    def _poll(self, sub: Submitted, status) -> PollState:
+        name = self.provider.name
+        rid = sub.request_id
+        self._sleep(self.policy.wait_for(self.policy.first_poll_delay))
+        interval, retry = self.policy.poll_interval, self.policy.retry_delay
+        last_status = "submitted"
+        while True:
+            self._check_cancel()
+            if self._deadline.left() <= 0:
+                raise ApiError(
+                    f"{name}: request {rid} was still '{last_status}' when the deadline of {self.policy.deadline:g} s "
+                    f"passed, so polling stopped. The job may still finish and be charged. "
+                    f"{self.provider.where_to_check(rid)} Raise the timeout for long jobs.", kind="deadline",
+                    request_id=rid)
+            try:
+                resp = self.transport.request("GET", sub.poll_url, self._headers_for(sub.poll_url))
+            except (_NotSent, _NoAnswer) as e:
+                self.log(f"{name}: polling {rid}: {e}; retrying")
+                self._sleep(self.policy.wait_for(retry))
+                retry = min(retry * 2, self.policy.max_retry_delay)
+                continue
+            if resp.status == 429 or resp.status >= 500:
+                self.log(f"{name}: polling {rid}: HTTP {resp.status}; retrying")
+                self._sleep(self.policy.wait_for(self._retry_after(resp, retry)))
+                retry = min(retry * 2, self.policy.max_retry_delay)
+                continue
+            if resp.status == 404:
+                raise ApiError(f"{name}: request {rid}: Task not found (the polling URL answered 404). The task "
+                               f"expired or belongs to another region or key. {self.provider.where_to_check(rid)}",
+                               kind="not_found", status=404, request_id=rid)
+            if resp.status >= 400:
+                raise self._http_error(resp, "poll", rid)
+            try:
+                state = self.provider.parse_poll(resp.json())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.log(f"{name}: polling {rid}: unreadable answer; retrying")
+                self._sleep(self.policy.wait_for(retry))
+                retry = min(retry * 2, self.policy.max_retry_delay)
+                continue
+            retry = self.policy.retry_delay
+            if state.status and state.status != last_status:
+                last_status = state.status
+                status(state.status, 0.1 + 0.8 * state.progress if state.progress is not None else None)
+            if state.state == "ready":
+                return state
+            if state.state == "failed":
+                raise self.provider.failure(state, rid)
+            self._sleep(self.policy.wait_for(interval))
+            interval = min(interval * self.policy.factor, self.policy.max_poll_interval)
+
+    def _download(self, url: str | None, rid: str | None) -> bytes:
+        name = self.provider.name
+        if not url:
+            raise ApiError(f"{name}: request {rid} is ready but its answer has no result URL. "
+                           f"{self.provider.where_to_check(rid)}", request_id=rid)
+        delay = self.policy.retry_delay
+        last = ""
+        for _ in range(self.policy.download_attempts):
+            self._check_cancel()
+            try:
+                auth = self._headers_for(url) if self.provider.download_needs_key else {}
+                resp = self.transport.request("GET", url, auth | {"Accept": "image/*"})
+            except (_NotSent, _NoAnswer) as e:
+                last = str(e)
+            else:
+                if resp.status == 200 and resp.body:
+                    return resp.body
+                if resp.status in (403, 404, 410):
+                    raise ApiError(f"{name}: the result of request {rid} is gone (HTTP {resp.status} from "
+                                   f"{host_of(url)}): result URLs expire minutes after the job finishes. It was fetched "
+                                   f"at once, so it probably expired on the provider's side; run the job again "
+                                   f"(it is charged again).", kind="expired", status=resp.status, request_id=rid)
+                if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("location"):
+                    url = urllib.parse.urljoin(url, resp.headers["location"])
+                    continue
+                last = f"HTTP {resp.status}"
+            self._sleep(self.policy.wait_for(delay))
+            delay = min(delay * 2, self.policy.max_retry_delay)
+        raise ApiError(f"{name}: could not download the result of request {rid} from {host_of(url)} ({last}). "
+                       f"Check the network and {self.provider.where_to_check(rid)}", kind="download", request_id=rid)
+
+    def _http_error(self, resp: Response, stage: str, rid: str | None = None) -> ApiError:
+        return self.provider.http_error(resp.status, self._redact(resp.text()), stage, rid)
+
+
+def _error_fields(err: ApiError) -> dict:
+    fields = {"status": err.status, "request_id": err.request_id}
+    if type(err) is ApiError:
+        fields["kind"] = err.kind
+    return fields
