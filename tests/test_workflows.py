@@ -12,7 +12,7 @@ UI_FILES = sorted(glob.glob(os.path.join(ROOT, "*.json")))
 API_FILES = sorted(glob.glob(os.path.join(ROOT, "api", "*.json")))
 STEMS = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
-WIDGET_TYPES = {"COMBO", "INT", "FLOAT", "STRING", "BOOLEAN"}
+WIDGET_TYPES = {"COMBO", "INT", "FLOAT", "STRING", "BOOLEAN", "COMFY_DYNAMICCOMBO_V3", "COLOR"}  # a DynamicCombo is a widget too
 LOADER_MODEL_INPUTS = {("Flux2KitTransformerLoader", "model_name"), ("Flux2KitTextEncoderLoader", "text_encoder_name"),
                        ("Flux2KitVAELoader", "vae_name"), ("LoadImage", "image")}
 
@@ -51,7 +51,8 @@ def control_widgets(cls):
 
 
 def test_every_workflow_has_a_twin():
-    assert STEMS == ["generate_text_to_image", "generate_three_reference_edit", "text_to_image", "three_reference_edit"]
+    assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit",
+                     "json_prompt_palette", "text_to_image", "three_reference_edit"]
     assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
 
 
@@ -83,6 +84,8 @@ def test_api_workflow_uses_existing_nodes_inputs_and_values(path, schemas):
                 assert isinstance(value, str) and value.strip()  # no models present: the names are the real files'
             elif io_type == "COMBO":
                 assert value in opts["options"], f"#{nid}.{name}={value!r}"
+            elif io_type == "COMFY_DYNAMICCOMBO_V3":
+                assert value in [o["key"] for o in opts["options"]], f"#{nid}.{name}={value!r}"
             elif io_type in ("INT", "FLOAT"):
                 assert isinstance(value, (int, float)) and not isinstance(value, bool)
                 assert opts.get("min", value) <= value <= opts.get("max", value), f"#{nid}.{name}={value}"
@@ -90,6 +93,8 @@ def test_api_workflow_uses_existing_nodes_inputs_and_values(path, schemas):
                     assert isinstance(value, int)
             elif io_type == "STRING":
                 assert isinstance(value, str)
+            elif io_type == "COLOR":  # a colour picker's value: #RRGGBB
+                assert isinstance(value, str) and len(value) == 7 and value[0] == "#", f"#{nid}.{name}={value!r}"
             else:
                 assert isinstance(value, bool)
     assert outputs, "no output node"
@@ -128,7 +133,8 @@ def test_ui_workflow_is_valid_0_4(stem, schemas):
             assert not n["inputs"] and not n["outputs"]
             continue
         cls = schemas[n["type"]]
-        spec = node_inputs(cls, {i["name"]: None for i in n["inputs"]})
+        live = {i["name"]: None for i in n["inputs"]} | api_from_ui(ui, schemas)[str(n["id"])]["inputs"]
+        spec = node_inputs(cls, live)  # a DynamicCombo's choice decides which child inputs exist
         for inp in n["inputs"]:
             if n["type"] == "LoadImage" and inp["name"] == "upload":
                 assert inp["type"] == "IMAGEUPLOAD"  # the frontend's upload button
@@ -136,7 +142,7 @@ def test_ui_workflow_is_valid_0_4(stem, schemas):
             io_type = spec[inp["name"]][0]
             assert inp["type"] == io_type, (n["id"], inp["name"])
             assert ("widget" in inp) == (io_type in WIDGET_TYPES), (n["id"], inp["name"])
-            if "." in inp["name"]:  # an Autogrow slot
+            if "." in inp["name"] and "widget" not in inp:  # an Autogrow slot (a DynamicCombo child is a widget)
                 assert inp["label"] == inp["name"].split(".", 1)[1]
         assert [o["type"] for o in n["outputs"]] == [o.get_io_type() for o in cls.define_schema().outputs]
     # the models the loaders name, with where to get them
@@ -189,7 +195,7 @@ def test_ui_and_api_twins_describe_the_same_graph(stem, schemas):
         assert node["inputs"] == expected[nid]["inputs"], nid
 
 
-@pytest.mark.parametrize("stem", STEMS)
+@pytest.mark.parametrize("stem", [s for s in STEMS if not s.startswith("api_")])  # API defaults: test_api_node.py
 def test_defaults_show_flux2(stem):
     """28 steps, guidance 4, 1 MP, png; references named by number in the edit prompts."""
     api = load(os.path.join(ROOT, "api", f"{stem}.json"))

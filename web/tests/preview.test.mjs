@@ -1,0 +1,96 @@
+// node --test web/tests   (files end in .mjs so ComfyUI, which loads every web/**/*.js, never loads them)
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import {
+  clampLines, normalizeHex, previewModel, readableInk, rootNodeId, swatchLabel, swatchLayout,
+} from "../lib/preview.js";
+
+test("normalizeHex accepts the forms the Python parser accepts", () => {
+  for (const [input, expected] of [
+    ["#02eb3c", "#02EB3C"], ["02EB3C", "#02EB3C"], ["#abc", "#AABBCC"], ["ABC", "#AABBCC"],
+    [" #123456 ", "#123456"], ["#ff6b6bff", "#FF6B6B"],
+  ]) {
+    assert.equal(normalizeHex(input), expected, input);
+  }
+});
+
+test("normalizeHex refuses bad forms", () => {
+  for (const input of ["#GGG", "#12345", "", "##fff", "#", "#ff6b6b80", "#1234", "0x02EB3C", null, 42, undefined]) {
+    assert.equal(normalizeHex(input), null, String(input));
+  }
+});
+
+test("readableInk picks black on light colours and white on dark ones", () => {
+  assert.equal(readableInk("#FFFFFF"), "#000000");
+  assert.equal(readableInk("#02EB3C"), "#000000");
+  assert.equal(readableInk("#000000"), "#FFFFFF");
+  assert.equal(readableInk("#1E3A5F"), "#FFFFFF");
+  assert.equal(readableInk("#0000FF"), "#FFFFFF");
+  assert.equal(readableInk("not a colour"), "#000000");
+});
+
+test("swatchLabel names the bound object", () => {
+  assert.equal(swatchLabel({ hex: "#02EB3C", name: "lime", object: "the vase" }), "#02EB3C lime - the vase");
+  assert.equal(swatchLabel({ hex: "#FFFFFF", name: "white", object: "" }), "#FFFFFF white");
+});
+
+test("previewModel reads a JSON prompt node's output", () => {
+  const output = {
+    flux2kit_preview: ['{\n  "scene": "a kitchen",\n  "text_elements": [{"text": "Say \\"hi\\" — 你好"}]\n}'],
+    flux2kit_status: ["about 640 of 512 tokens (estimate) - WARNING: over 512"],
+    flux2kit_warning: [true],
+    flux2kit_colors: [{ hex: "#02eb3c", name: "lime", object: "the vase" }, { hex: "#GGG", name: "bad" }, null],
+  };
+  const model = previewModel(output);
+  assert.equal(model.text, output.flux2kit_preview[0]);
+  assert.ok(model.text.includes("你好"));
+  assert.equal(model.warning, true);
+  assert.match(model.status, /WARNING/);
+  assert.deepEqual(model.colors, [
+    { hex: "#02EB3C", name: "lime", object: "the vase", ink: "#000000", label: "#02EB3C lime - the vase" },
+  ]);
+});
+
+test("previewModel takes the latest of merged outputs and ignores foreign ones", () => {
+  assert.equal(previewModel({ images: [{ filename: "x.png" }] }), null);
+  assert.equal(previewModel(null), null);
+  assert.equal(previewModel("text"), null);
+  const model = previewModel({ flux2kit_preview: ["old", "new"], flux2kit_warning: [true, false] });
+  assert.equal(model.text, "new");
+  assert.equal(model.warning, false);
+  assert.equal(model.status, "");
+  assert.deepEqual(model.colors, []);
+  assert.equal(previewModel({ flux2kit_warning: ["true"], flux2kit_status: ["1 of 512"] }).warning, false);
+});
+
+test("clampLines keeps long previews a sensible size", () => {
+  const text = Array.from({ length: 100 }, (_, i) => `line ${i}`).join("\n");
+  const clamped = clampLines(text, 10).split("\n");
+  assert.equal(clamped.length, 11);
+  assert.equal(clamped[9], "line 9");
+  assert.equal(clamped[10], "... 90 more lines");
+  assert.equal(clampLines("a\nb", 10), "a\nb");
+  assert.equal(clampLines(undefined), "");
+  assert.equal(previewModel({ flux2kit_preview: [text] }, { maxLines: 5 }).text.split("\n").length, 6);
+});
+
+test("swatchLayout wraps swatches into rows that fit the width", () => {
+  const rects = swatchLayout(5, 290, { minWidth: 72, height: 20, gap: 4 });
+  assert.equal(rects.length, 5);
+  const perRow = rects.filter((r) => r.y === 0).length;
+  assert.equal(perRow, 3); // 3 * 72 + 2 * 4 = 224 <= 290 < 4 * 72 + 3 * 4 = 300
+  for (const r of rects) assert.ok(r.x + r.w <= 290 + 1e-9 && r.w >= 72);
+  assert.deepEqual(rects[3], { x: 0, y: 24, w: rects[0].w, h: 20 });
+  assert.deepEqual(swatchLayout(0, 300), []);
+  assert.equal(swatchLayout(3, 10).length, 3); // narrower than one swatch: one per row
+  assert.equal(swatchLayout(3, 10)[2].y, 2 * (28 + 4));
+});
+
+test("rootNodeId maps execution ids to root-graph node ids", () => {
+  assert.equal(rootNodeId("12"), 12);
+  assert.equal(rootNodeId(7), 7);
+  assert.equal(rootNodeId("12:5"), null);
+  assert.equal(rootNodeId(""), null);
+  assert.equal(rootNodeId(undefined), null);
+});
