@@ -2,7 +2,9 @@
 
 ``flux2kit demo`` builds tiny random FLUX.2 models and makes one (noise-like) image in seconds on a
 CPU, proving the install works; ``flux2kit generate`` does the same with the real FLUX.2 files;
-``flux2kit run`` runs a ComfyUI workflow (API format) in-process or on a ComfyUI server.
+``flux2kit run`` runs a ComfyUI workflow (API format) in-process or on a ComfyUI server;
+``flux2kit batch`` runs one over many inputs, across servers, resumable (batch/);
+``flux2kit quantize`` writes a model as a ComfyUI FP8 file (quantize_cli.py).
 Images go to PNG files whose paths are printed on stdout; everything else goes to stderr.
 """
 
@@ -35,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     from .pipelines.sampling import Cancelled
 
     try:
-        args.command(args)
+        code = args.command(args)
     except Flux2KitError as e:
         print(f"flux2kit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except (Cancelled, KeyboardInterrupt):
         print("\nflux2kit: cancelled; nothing was saved.", file=sys.stderr)
         return EXIT_CANCELLED
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
         "by default the tiny random demo models; with --server URL it runs on that ComfyUI. Prints the image paths.")
     add_run_arguments(run)
     run.set_defaults(command=run_workflow)
+
+    from .batch import add_batch_arguments
+
+    batch = sub.add_parser(
+        "batch", help="run a workflow over a list of inputs on ComfyUI servers or in-process; resumable",
+        description="Run one workflow (API or UI format) once per row of INPUTS (JSONL or CSV) and per --sweep "
+        "value, spread over ComfyUI servers (--server URL, repeatable) or in this process (--target local). "
+        "Every row is checked before anything runs. Progress is kept in DIR/batch.sqlite: run the same command "
+        "again after a stop or a crash and it collects what finished and runs only the rest.")
+    add_batch_arguments(batch)
+    batch.set_defaults(command=run_batch)
+
+    from .quantize_cli import add_quantize_arguments, quantize_command
+
+    quantize = sub.add_parser(
+        "quantize", help="write a bf16 FLUX.2 transformer or text encoder as a ComfyUI FP8 file",
+        description="Quantize a FLUX.2 transformer or text encoder to float8_e4m3fn (one scale per tensor) and write "
+        "it in ComfyUI's current FP8 format, one tensor at a time. ComfyUI's loaders and flux2kit's read the result.")
+    add_quantize_arguments(quantize)
+    quantize.set_defaults(command=quantize_command)
     return parser
 
 
@@ -168,6 +190,12 @@ def run_workflow(args) -> None:
 
     for path in run_command(args):
         print(path)
+
+
+def run_batch(args) -> None:
+    from .batch import batch_command
+
+    batch_command(args)
 
 
 # ---------------------------------------------------------------------------------------------

