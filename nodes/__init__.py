@@ -2,14 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import encode, generate, loaders, sampling, save
-from . import prompts
-from . import api
-from . import quantize
+from . import api, encode, generate, loaders, prompts, quantize, sampling, save
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES, *prompts.NODES, *api.NODES, *quantize.NODES]
+    return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES, *quantize.NODES,
+            *prompts.NODES, *api.NODES]
 
 
 class Flux2KitExtension(ComfyExtension):
