@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..pipelines import parameters as P
 from ..pipelines.errors import Flux2KitError
 from ..pipelines.generate import check_conditioning_fits, decode, sample
+from ..pipelines.json_prompt import check_reference_mentions
 from . import services
 from .types import CATEGORY, VAE, Conditioning, References, Transformer
 
@@ -71,6 +72,9 @@ class Sampler(io.ComfyNode):
     def execute(cls, transformer, conditioning, aspect_ratio, resolution, width, height, num_inference_steps,
                 guidance, seed, batch_size, references=None) -> io.NodeOutput:
         first = references.first_size if references is not None else None
+        if references is not None:  # 'image 3' in the prompt with 2 references wired: say so before sampling
+            for prompt in conditioning.prompts:
+                check_reference_mentions(prompt, len(references.sizes))
         w, h = resolve_size(aspect_ratio, resolution, width, height, first)
         check_conditioning_fits(transformer, conditioning)
         services.load_to_device(transformer)

@@ -241,3 +241,20 @@ def test_json_prompt_palette_workflow_runs_headless(comfy, tmp_path):
     assert any("of 512 tokens" in m and "estimate" not in m for m in messages)  # exact: the text encoder is wired
     with pytest.raises(Exception, match="'#GGG' is not a HEX colour"):
         runner.run(apply_overrides(wf, size=(80, 64), steps=1, settings=["4.color_1=#GGG"]))
+
+
+def test_sampler_checks_image_numbers_against_the_encoded_references(nodes, models):
+    """The split graph (Text Encode + Reference Encode -> Sampler) checks 'image N' like Generate does."""
+    t, te, vae = models
+    g = torch.Generator().manual_seed(0)
+    images = {"image_1": torch.rand(1, 64, 64, 3, generator=g), "image_2": torch.rand(1, 64, 64, 3, generator=g)}
+    references = nodes["Flux2KitReferenceEncode"].execute(vae=vae, images=images).result[0]
+    bad = nodes["Flux2KitTextEncode"].execute(text_encoder=te, prompt="the lamp from image 3").result[0]
+    with pytest.raises(Flux2KitError, match="names image 3, but 2 reference images"):
+        nodes["Flux2KitSampler"].execute(transformer=t, conditioning=bad, references=references, **GEN)
+    good = nodes["Flux2KitTextEncode"].execute(text_encoder=te, prompt="the lamp from image 2").result[0]
+    latent = nodes["Flux2KitSampler"].execute(transformer=t, conditioning=good, references=references,
+                                              **(GEN | dict(num_inference_steps=1))).result[0]
+    assert latent["samples"].shape[0] == 1
+    # without references, 'image 3' is ordinary words
+    nodes["Flux2KitSampler"].execute(transformer=t, conditioning=bad, **(GEN | dict(num_inference_steps=1)))
