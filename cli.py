@@ -72,12 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = DEFAULTS["dev"]
     gen = sub.add_parser(
-        "generate", help="make images with the FLUX.2 [dev] files",
-        description="Make images with FLUX.2 [dev]: a transformer file (BFL, ComfyUI or diffusers layout, "
-        "bf16 or FP8), the Mistral-Small-3 text encoder folder and the VAE.")
+        "generate", help="make images with the FLUX.2 [dev] or [klein] files",
+        description="Make images with FLUX.2 [dev] or [klein]: a transformer file (BFL, ComfyUI or diffusers "
+        "layout, bf16 or FP8), its text encoder (Mistral-Small-3 for [dev], Qwen3 for [klein]: a Hugging Face "
+        "folder or a ComfyUI single file) and the VAE.")
     add = gen.add_argument
     add("--transformer", required=True, metavar="PATH", help="transformer file or diffusers folder")
-    add("--text-encoder", required=True, metavar="DIR", help="Mistral-Small-3 text encoder folder (HF layout)")
+    add("--text-encoder", required=True, metavar="PATH",
+        help="text encoder: a Hugging Face folder or a ComfyUI single file (Mistral-Small-3 for [dev], Qwen3 for [klein])")
+    add("--tokenizer", metavar="DIR", help="tokenizer folder for a Qwen3 single-file text encoder (it carries none)")
     add("--vae", required=True, metavar="PATH", help="VAE file (flux2-vae.safetensors) or diffusers folder")
     add("--prompt", default="", metavar="TEXT", help="text or a JSON prompt (may be empty when --image is given)")
     add("--image", dest="images", action="extend", nargs="+", default=[], metavar="PATH",
@@ -87,10 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(RESOLUTIONS)} (\"1MP\" or \"1\" also work; default: 1 MP)")
     add("--width", type=int, metavar="N", help="exact width, a multiple of 16 (with --height; overrides the ratio)")
     add("--height", type=int, metavar="N", help="exact height, a multiple of 16 (with --width)")
-    add("--steps", "--num-inference-steps", dest="steps", type=int, default=dev["num_inference_steps"], metavar="N",
-        help=f"sampling steps, 1-50 (default: {dev['num_inference_steps']})")
-    add("--guidance", type=float, default=dev["guidance"], metavar="G",
-        help=f"embedded guidance, 0-10 (default: {dev['guidance']})")
+    add("--steps", "--num-inference-steps", dest="steps", type=int, metavar="N",
+        help=f"sampling steps, 1-50 (default: the model's: [dev] {dev['num_inference_steps']}, "
+             f"[klein] distilled {DEFAULTS['klein-distilled']['num_inference_steps']}, "
+             f"base {DEFAULTS['klein-base']['num_inference_steps']})")
+    add("--guidance", type=float, metavar="G",
+        help=f"0-10: [dev] embedded guidance (default {dev['guidance']}); [klein] base: classifier-free guidance "
+             f"scale (default {DEFAULTS['klein-base']['guidance']}); ignored by [klein] distilled")
+    add("--klein-mode", choices=("auto", "distilled", "base"), default="auto",
+        help="[klein] only: distilled or base (identical tensors; auto reads the file's metadata and asks when "
+             "it says nothing)")
     add("--seed", type=int, default=0, metavar="N", help="noise seed; image i of a batch uses seed + i (default: 0)")
     add("--batch-size", type=int, default=1, metavar="N", help="images to make, 1-16 (default: 1)")
     add("--out", default="./output", metavar="DIR", help="folder for the PNGs (default: ./output)")
@@ -180,7 +189,7 @@ def run_generate(args) -> None:
                   batch_size=args.batch_size)
     saved = _generate(paths, params, args.images, out_dir=args.out, device=args.device,
                       text_encoder_device=args.text_encoder_device, offload_blocks=args.offload_blocks,
-                      prefix="flux2kit")
+                      prefix="flux2kit", klein_mode=args.klein_mode, tokenizer=args.tokenizer)
     for path in saved:
         print(path)
 
@@ -203,13 +212,26 @@ def run_batch(args) -> None:
 
 
 def _generate(paths: dict, params: dict, image_paths: list[str], *, out_dir: str, device, text_encoder_device,
-              offload_blocks: bool, prefix: str) -> list[str]:
+              offload_blocks: bool, prefix: str, klein_mode: str = "auto", tokenizer: str | None = None) -> list[str]:
     """Make the images and save them as PNGs; returns their absolute paths."""
+    from .pipelines.checkpoint_formats import inspect_transformer, resolve_klein_mode
     from .pipelines.generate import generate
+    from .pipelines.parameters import defaults_for
     from .pipelines.text_encoder import load_text_encoder
     from .pipelines.transformer import load_transformer
     from .pipelines.vae import load_vae
 
+    # The transformer's header says [dev] or [klein] (and distilled or base): its defaults, before any load.
+    ckpt = inspect_transformer(paths["transformer"])
+    try:
+        distilled = resolve_klein_mode(ckpt, klein_mode)
+        family = ckpt.family
+    finally:
+        ckpt.files.close()
+    params = {k: v for k, v in params.items() if v is not None}
+    params = {**{k: v for k, v in defaults_for(family, distilled).items() if k in ("num_inference_steps", "guidance")},
+              **params}
+    cfg = family == "klein" and distilled is False and params["guidance"] > 1.0
     images = [_open_image(p, n) for n, p in enumerate(image_paths, start=1)]
     width, height = _check_parameters(params, images)  # before loading tens of GB, not after
     device = _device(device)
@@ -218,22 +240,24 @@ def _generate(paths: dict, params: dict, image_paths: list[str], *, out_dir: str
     # The real encoder (24B) and transformer (32B) do not fit in memory together: encode the prompt,
     # free the encoder, then load the transformer.
     with _timed(f"Loading the text encoder from {paths['text_encoder']}"):
-        text_encoder = load_text_encoder(paths["text_encoder"], device=text_encoder_device)
+        text_encoder = load_text_encoder(paths["text_encoder"], device=text_encoder_device, tokenizer=tokenizer)
     with _timed("Encoding the prompt"):
         embeds = text_encoder.encode(params["prompt"]).embeds
+        negative = text_encoder.negative_embeds().embeds if cfg else None  # [klein] base: the empty prompt
     text_encoder.release()
     del text_encoder
     with _timed(f"Loading the VAE from {paths['vae']}"):
         vae = load_vae(paths["vae"], device=device)
     with _timed(f"Loading the transformer from {paths['transformer']}"):
-        transformer = load_transformer(paths["transformer"], device=device, offload_blocks=offload_blocks)
+        transformer = load_transformer(paths["transformer"], device=device, offload_blocks=offload_blocks,
+                                       klein_mode=klein_mode)
     _say(f"Transformer: {transformer.checkpoint}, on {device}.")
 
     n = params["batch_size"]
     _say(f"Sampling {n} image{'s' if n > 1 else ''} of {width}x{height} in {params['num_inference_steps']} steps.")
     with _CtrlC() as ctrl_c:
-        pixels = generate(transformer, None, vae, prompt_embeds=embeds, images=images, callback=_Progress(),
-                          should_cancel=ctrl_c.pressed, **params)
+        pixels = generate(transformer, None, vae, prompt_embeds=embeds, negative_embeds=negative, images=images,
+                          callback=_Progress(), should_cancel=ctrl_c.pressed, **params)
     if ctrl_c.pressed():  # pressed during decoding: the user still asked for no output
         raise KeyboardInterrupt
 

@@ -305,7 +305,7 @@ def resolve_klein_mode(ckpt: "TransformerCheckpoint", klein_mode: str = "auto") 
                 f"{ckpt.files.name} is a FLUX.2 [klein] transformer, and its file does not say whether it is the "
                 "distilled model (4 steps, no guidance) or the base model (about 50 steps, classifier-free guidance): "
                 "their tensors are identical. Pick klein_mode 'distilled' or 'base' in the transformer loader "
-                "(files named ...klein-base... are base, the others distilled)."
+                "(--klein-mode for flux2kit generate); files named ...klein-base... are base, the others distilled."
             )
         return ckpt.distilled
     wanted = klein_mode == "distilled"

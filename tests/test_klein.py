@@ -500,3 +500,28 @@ def test_klein_graph_on_a_real_comfyui(comfyui, klein, qwen3):  # noqa: F811
     finally:
         added[0].unlink()
         shutil.rmtree(added[1])
+
+
+@pytest.mark.parametrize("mode", ["distilled", "base"])
+def test_cli_generate_runs_klein_with_its_defaults(mode, klein_files, qwen3, tiny_vae, text_encoder, vae, tmp_path,
+                                                   capsys):
+    """`flux2kit generate` on [klein]: the model's default steps/guidance, CFG for base, same image as generate()."""
+    import PIL.Image
+
+    from flux2kit import cli
+    from flux2kit.pipelines.generate import generate
+    from flux2kit.pipelines.parameters import DEFAULTS
+
+    path = klein_files["bfl", None]
+    argv = ["generate", "--transformer", path, "--text-encoder", qwen3[2], "--vae", tiny_vae[1], "--prompt",
+            "a red kite", "--width", "64", "--height", "80", "--seed", "5", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2  # the file does not say which [klein]: the CLI asks, like the loader
+    assert "--klein-mode" in capsys.readouterr().err
+    assert cli.main([*argv, "--klein-mode", mode]) == 0
+    [png] = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
+    saved = np.asarray(PIL.Image.open(tmp_path / png).convert("RGB"))
+    defaults = DEFAULTS["klein-distilled" if mode == "distilled" else "klein-base"]
+    t = load_transformer(path, device="cpu", klein_mode=mode)
+    expected = generate(t, text_encoder, vae, prompt="a red kite", width=64, height=80, seed=5,
+                        num_inference_steps=defaults["num_inference_steps"], guidance=defaults["guidance"])
+    assert np.array_equal(saved, (expected[0].numpy() * 255).round().astype(np.uint8))
