@@ -182,7 +182,8 @@ def test_block_offload_moves_each_block_in_and_out(transformer_files):
 
 def _live_models():
     gc.collect()
-    return sum(isinstance(o, Flux2Transformer2DModel) for o in gc.get_objects())
+    # type(), not isinstance(): isinstance on torch's deprecated module proxies warns
+    return sum(issubclass(type(o), Flux2Transformer2DModel) for o in gc.get_objects())
 
 
 def _expect_error(path, *patterns, cls=Flux2KitError):
