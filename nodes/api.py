@@ -291,14 +291,16 @@ class APIGenerate(io.ComfyNode):
                     except BaseException:
                         stop.set()
                         thread.join()
+                        cls._report_cancel(runner, provider, node_id, header)
                         raise
                 services.show_text(node_id, header.splitlines()[0] + "\n" + "\n".join(
                     f"image {i + 1} (seed {job.seed}): {statuses[i]}" for i, job in enumerate(plan.jobs)))
         error = box.get("error")
         if isinstance(error, Cancelled):
+            note = cls._report_cancel(runner, provider, node_id, header)
             services.raise_if_cancelled()  # ComfyUI's own interrupt: the run shows as cancelled
             raise Flux2KitError("Cancelled while waiting for the provider. Jobs already sent may still finish and be "
-                                "charged; " + provider.where_to_check())
+                                "charged" + (f" ({note})" if note else "") + "; " + provider.where_to_check())
         if isinstance(error, ApiError):
             raise Flux2KitError(redact(str(error), [key])) from None
         if error is not None:
@@ -310,6 +312,15 @@ class APIGenerate(io.ComfyNode):
             services.log.warning("flux2kit API: %s", "; ".join(lines))
             box["warnings"] = lines
         return box["results"], box.get("warnings", [])
+
+    @staticmethod
+    def _report_cancel(runner, provider, node_id, header) -> str:
+        """After Cancel: name the accepted jobs (they may still be charged) on the node and in the log."""
+        note = runner.unfinished_note()
+        if note:
+            services.log.warning("flux2kit API: cancelled; %s %s", note, provider.where_to_check())
+            services.show_text(node_id, header.splitlines()[0] + f"\ncancelled: {note} {provider.where_to_check()}")
+        return note
 
 
 NODES = [APIGenerate]

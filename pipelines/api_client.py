@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import json
 import random
 import socket
@@ -118,7 +119,14 @@ def host_of(url: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+    """True only for "localhost" and loopback IP literals: a DNS name such as 127.example.com is not loopback."""
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Transport:
@@ -128,7 +136,10 @@ class Transport:
         self.policy = policy
 
     def request(self, method: str, url: str, headers: dict | None = None, body: bytes | None = None,
-                timeout: float | None = None) -> Response:
+                timeout: float | None = None, abort=None) -> Response:
+        """``abort()`` (polled every ``cancel_check`` s from a watcher thread) cuts a request in flight: Cancel
+        and the deadline must not wait for a slow answer or a result that trickles in (socket timeouts apply to
+        each read, not to the whole answer)."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ApiError(f"Not an http(s) URL: {parts.scheme}://{parts.hostname or ''}{parts.path}. Check the base URL.",
@@ -152,20 +163,40 @@ class Transport:
         all_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
         if body is not None:
             all_headers.setdefault("Content-Type", "application/json")
+        done, aborted = threading.Event(), threading.Event()
+        if abort is not None:
+            def watch():
+                while not done.wait(self.policy.cancel_check):
+                    if abort():
+                        aborted.set()
+                        sock = conn.sock
+                        if sock is not None:
+                            try:
+                                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes the blocked read
+                            except OSError:
+                                pass
+                        return
+
+            threading.Thread(target=watch, name="flux2kit-api-watch", daemon=True).start()
         try:
             try:
                 conn.connect()
             except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as e:
                 raise _NotSent(f"{type(e).__name__}: {e}") from None
+            if aborted.is_set():  # Cancel or the deadline came while connecting: do not send at all
+                raise _NotSent("stopped before sending (Cancel or deadline)")
             conn.sock.settimeout(timeout or self.policy.read_timeout)
             try:
                 conn.request(method, path, body=body, headers=all_headers)
                 resp = conn.getresponse()
                 data = resp.read()
             except (http.client.HTTPException, OSError) as e:
-                raise _NoAnswer(f"{type(e).__name__}: {e}") from None
+                raise _NoAnswer("stopped waiting (Cancel or deadline)" if aborted.is_set() else f"{type(e).__name__}: {e}") from None
+            if aborted.is_set():  # a body without a length can end "cleanly" when cut: never return it
+                raise _NoAnswer("stopped waiting (Cancel or deadline)")
             return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         finally:
+            done.set()
             conn.close()
 
 
@@ -230,6 +261,10 @@ class JobRunner:
 
     def __init__(self, provider, key: str, *, policy: RetryPolicy | None = None, limit: int = 4,
                  should_cancel=None, on_status=None, transport: Transport | None = None, log=None):
+        if not isinstance(key, str) or not key or any(not (33 <= ord(c) <= 126) for c in key):
+            # http.client would quote such a key in its "Invalid header value" error
+            raise ApiError(f"The {getattr(provider, 'name', 'provider')} API key is empty or contains spaces, line "
+                           f"breaks or non-ASCII characters. Copy it again from the provider's dashboard.", kind="auth")
         self.provider, self._key = provider, key
         self.policy = policy or RetryPolicy()
         self.limit = max(1, int(limit))
@@ -239,6 +274,8 @@ class JobRunner:
         self.log = log or (lambda message: None)
         self._cancelled = threading.Event()
         self._deadline = _Deadline(self.policy.deadline)
+        self.accepted: dict[int, str | None] = {}  # job index -> request id, for every job a provider accepted
+        self.delivered: set[int] = set()  # job indices whose image arrived
 
     # -- helpers
 
@@ -252,8 +289,17 @@ class JobRunner:
             self._cancelled.set()
             raise Cancelled()
 
+    def _should_abort(self) -> bool:
+        """For the transport's watcher: Cancel pressed or the deadline passed while a request is in flight."""
+        if self._cancelled.is_set() or self._deadline.left() <= 0:
+            return True
+        if self.should_cancel():
+            self._cancelled.set()
+            return True
+        return False
+
     def _sleep(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
+        end = time.monotonic() + min(seconds, max(0.0, self._deadline.left()))  # a backoff never outlasts the deadline
         while True:
             self._check_cancel()
             left = end - time.monotonic()
@@ -266,10 +312,14 @@ class JobRunner:
         return self.provider.auth_headers(self._key) if self.provider.trusts(url) else {}
 
     def _retry_after(self, resp: Response, fallback: float) -> float:
+        """The server's Retry-After (capped), but never less than our own backoff: "0" must not make a tight loop."""
         try:
-            return min(float(resp.headers.get("retry-after", "")), self.policy.max_retry_delay)
+            asked = float(resp.headers.get("retry-after", ""))
         except ValueError:
             return fallback
+        if asked != asked:  # NaN
+            return fallback
+        return max(fallback, min(asked, self.policy.max_retry_delay))
 
     # -- one job
 
@@ -282,6 +332,7 @@ class JobRunner:
         results: list[JobResult | None] = [None] * len(jobs)
         errors: dict[int, BaseException] = {}
         self.failures: dict[int, ApiError] = {}
+        self.accepted, self.delivered = {}, set()
         stop_submitting = threading.Event()
 
         def work(i, job):
@@ -300,7 +351,7 @@ class JobRunner:
             for future in [pool.submit(work, i, job) for i, job in enumerate(jobs)]:
                 future.result()
         if any(isinstance(e, Cancelled) for e in errors.values()) or self._cancelled.is_set():
-            raise Cancelled()
+            raise Cancelled(self.unfinished_note())
         done = [r for r in results if r is not None]
         if errors and allow_partial and done and all(isinstance(e, ApiError) for e in errors.values()):
             self.failures = {i: type(e)(self._redact(str(e)), **_error_fields(e)) for i, e in sorted(errors.items())}
@@ -316,10 +367,21 @@ class JobRunner:
                     if done:
                         ids = ", ".join(r.request_id or "?" for r in done)
                         note += f" ({len(done)} other image(s) finished and were charged: request id(s) {ids}.)"
+                    others = [e.request_id for i, e in sorted(errors.items())
+                              if i != first and isinstance(e, ApiError) and e.request_id]
+                    if others:  # accepted, then failed or timed out: some may still finish and be charged
+                        note += f" (Other accepted job(s) that did not deliver: request id(s) {', '.join(others)}.)"
                 if note != str(err) or self._redact(note) != note:  # provider texts are quoted: never the key
                     raise type(err)(self._redact(note), **_error_fields(err)) from None
             raise err
         return results  # type: ignore[return-value]
+
+    def unfinished_note(self) -> str:
+        """The request ids of accepted jobs that delivered no image (e.g. after Cancel): they may still be charged."""
+        ids = [rid or "?" for i, rid in sorted(self.accepted.items()) if i not in self.delivered]
+        if not ids:
+            return ""
+        return f"{len(ids)} accepted job(s) may still finish and be charged: request id(s) {', '.join(ids)}."
 
     def _run_one(self, index: int, job) -> JobResult:
         log: list[str] = []
@@ -330,6 +392,7 @@ class JobRunner:
 
         status("submitting")
         sub = self._submit(job)
+        self.accepted[index] = sub.request_id
         status("accepted" + (f" (request id {sub.request_id})" if sub.request_id else ""), 0.1)
         state = sub.result
         if state is None:
@@ -338,6 +401,7 @@ class JobRunner:
         if image is None:
             status("downloading", 0.95)
             image = self._download(state.result_url, sub.request_id)
+        self.delivered.add(index)
         status("done", 1.0)
         return JobResult(index=index, seed=job.seed, request_id=sub.request_id, image_bytes=image,
                          cost_usd=sub.cost_usd, status_log=log)
@@ -352,7 +416,10 @@ class JobRunner:
             if self._deadline.left() <= 0:
                 break
             try:
-                resp = self.transport.request(method, url, self._headers_for(url), body)
+                # a queue submit answers within seconds with the request id the user needs if the job runs on, so
+                # it is not cut; a sync submit (the answer is the image) is, or Cancel would wait for the image
+                abort = self._should_abort if getattr(self.provider, "sync_submit", False) else None
+                resp = self.transport.request(method, url, self._headers_for(url), body, abort=abort)
             except _NotSent as e:
                 last = f"could not connect to {host_of(url)} ({e})"
                 self.log(f"{name}: {last}; retrying")
@@ -360,6 +427,7 @@ class JobRunner:
                 delay = min(delay * 2, self.policy.max_retry_delay)
                 continue
             except _NoAnswer as e:
+                self._check_cancel()  # Cancel cut the answer short: the node says sent jobs may still be charged
                 raise UnknownStateError(self._redact(
                     f"{name}: the connection to {host_of(url)} dropped after the request was sent ({e}). The job may "
                     f"have been accepted and charged, so it was NOT sent again. {self.provider.where_to_check()}")) from None
@@ -407,7 +475,7 @@ class JobRunner:
                     f"{self.provider.where_to_check(rid)} Raise the timeout for long jobs.", kind="deadline",
                     request_id=rid)
             try:
-                resp = self.transport.request("GET", sub.poll_url, self._headers_for(sub.poll_url))
+                resp = self.transport.request("GET", sub.poll_url, self._headers_for(sub.poll_url), abort=self._should_abort)
             except (_NotSent, _NoAnswer) as e:
                 self.log(f"{name}: polling {rid}: {e}; retrying")
                 self._sleep(self.policy.wait_for(retry))
@@ -451,9 +519,14 @@ class JobRunner:
         last = ""
         for _ in range(self.policy.download_attempts):
             self._check_cancel()
+            if self._deadline.left() <= 0:
+                raise ApiError(f"{name}: request {rid} finished (and is charged) but its result could not be downloaded "
+                               f"from {host_of(url)} before the deadline of {self.policy.deadline:g} s ({last or 'slow'}). "
+                               f"{self.provider.where_to_check(rid)} Raise the timeout for slow connections.",
+                               kind="deadline", request_id=rid)
             try:
                 auth = self._headers_for(url) if self.provider.download_needs_key else {}
-                resp = self.transport.request("GET", url, auth | {"Accept": "image/*"})
+                resp = self.transport.request("GET", url, auth | {"Accept": "image/*"}, abort=self._should_abort)
             except (_NotSent, _NoAnswer) as e:
                 last = str(e)
             else:

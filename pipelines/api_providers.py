@@ -118,7 +118,10 @@ class Provider:
         self._trusted = {host_of(self.base_url)} | {h.lower() for h in extra_trusted_hosts if h}
 
     def trusts(self, url: str) -> bool:
+        """Hosts that may see the key, and only over https (plain http to loopback only)."""
         host = host_of(url)
+        if urllib.parse.urlsplit(url).scheme != "https" and not is_loopback(host):
+            return False
         return host in self._trusted or is_loopback(host) or any(
             host == h or host.endswith("." + h) for h in self.official_hosts)
 
@@ -150,17 +153,20 @@ class Provider:
 
     def http_error(self, status: int, body: str, stage: str, rid: str | None) -> ApiError:
         what = {"submit": "the request", "poll": f"polling request {rid}"}.get(stage, stage)
+        # only a refused submit is certainly free; a refused poll is about a job that was accepted
+        free = " Nothing was charged." if stage == "submit" else (
+            f" The job was accepted and may still be charged; {self.where_to_check(rid)}")
         if status in (401, 403):
             return ApiError(f"{self.name} refused {what} (HTTP {status}: {body}): the API key is missing, wrong or "
                             f"revoked. Set {self.key_env} (or the key in ComfyUI's settings: flux2kit) and restart if "
                             f"you changed the environment.", kind="auth", status=status, request_id=rid)
         if status == 402:
             return ApiError(f"{self.name} refused {what} (HTTP 402: {body}): the account has no credits left. Add "
-                            f"credits ({self.billing_url}) and run again. Nothing was charged.", kind="credits",
+                            f"credits ({self.billing_url}) and run again.{free}", kind="credits",
                             status=status, request_id=rid)
         if status in (400, 422):
             return ApiError(f"{self.name} rejected {what} as invalid (HTTP {status}): {body}. Fix the input it names "
-                            f"and run again. Nothing was charged.", kind="invalid", status=status, request_id=rid)
+                            f"and run again.{free}", kind="invalid", status=status, request_id=rid)
         return ApiError(f"{self.name} answered HTTP {status} to {what}: {body}.", status=status, request_id=rid)
 
     # Each provider also defines: plan(Request) -> Plan; submit_request(Job) -> (method, url, body bytes);
@@ -259,7 +265,9 @@ class BFL(Provider):
         if low == "ready":
             return PollState("ready", status, result_url=result.get("sample") if isinstance(result, dict) else None,
                              progress=1.0)
-        if low in ("pending", "reasoning", "generating", "queued", "processing"):
+        if low not in ("error", "failed", "request moderated", "content moderated", "task not found"):
+            # Pending, Reasoning, Generating, or a status BFL adds later: the job may still run and be charged,
+            # so keep polling (the deadline bounds it) instead of telling the user to run it again
             return PollState("pending", status, progress=progress)
         message = data.get("details") or data.get("error") or result
         text = json.dumps(message) if isinstance(message, (dict, list)) else str(message or "")
@@ -308,6 +316,11 @@ class Oxen(Provider):
             raise Flux2KitError(f"Oxen.ai mode must be sync or queue, got {mode!r}.")
         self.model, self.mode = model, mode
 
+    @property
+    def sync_submit(self) -> bool:
+        """The submit's answer is the image (it takes the whole generation)."""
+        return self.mode == "sync"
+
     def auth_headers(self, key):
         return {"Authorization": f"Bearer {key}"}
 
@@ -320,7 +333,7 @@ class Oxen(Provider):
                                   single_max_pixels=self.SINGLE_REFERENCE_PIXELS, provider=self.name)
         notes = []
         aspect, resolution = req.aspect_ratio, req.resolution
-        if aspect == "match_input_image" and not refs:
+        if aspect == "match_input_image" and not refs and not (req.width and req.height):  # a set size overrides it
             raise Flux2KitError("aspect_ratio 'match_input_image' needs a reference image; connect image 1 or pick "
                                 "a ratio.")
         if req.width or req.height:
@@ -380,13 +393,13 @@ class Oxen(Provider):
             if not url and images:
                 url = images[0].get("url")
             return PollState("ready", status, result_url=url, progress=1.0)
-        if low in ("queued", "processing", "pending", "running", "starting"):
-            return PollState("pending", status)
+        if low not in ("failed", "error", "cancelled", "canceled"):
+            return PollState("pending", status)  # queued, processing, ... or a new word: still running
         return PollState("failed", status, message=str(data.get("error_message") or data.get("error") or ""))
 
     def failure(self, state, rid):
         detail = f": {state.message}" if state.message else ""
-        if state.status.lower() == "cancelled":
+        if state.status.lower() in ("cancelled", "canceled"):
             return ApiError(f"Oxen.ai: generation {rid} was cancelled{detail}. Run again.", kind="failed", request_id=rid)
         flagged = any(w in state.message.lower() for w in ("safety", "nsfw", "moderat"))
         hint = "If it was flagged by the safety checker, rephrase the prompt or change the references. " if flagged else ""

@@ -12,7 +12,7 @@ Scenario (``server.scenario``, a dict; missing keys mean "behave well"):
   "never" (always Pending). The last entry repeats. Entries may also be HTTP statuses (503) or
   "malformed" for a transient failure on that poll.
 - ``poll_by_seed``: {seed: [statuses]} - a different sequence for the job with that seed.
-- ``result``: "ok" or an HTTP status for the result download (404 = expired).
+- ``result``: "ok", "slow" (a byte every 0.1 s) or an HTTP status for the result download (404 = expired).
 - ``hold_until_active``: n - the first poll of each job waits (up to 5 s) until n jobs are active,
   so a test can see whether jobs really overlap; ``jobs``: the batch size (the last ones do not wait).
 """
@@ -117,6 +117,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _trickle(self, data: bytes, pause: float = 0.1):
+        """A result that arrives a byte at a time: every read succeeds, the whole answer takes long."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                threading.Event().wait(pause)
+        except OSError:  # the client gave up
+            self.close_connection = True
+
     def _reset_connection(self):
         # RST instead of FIN: the client sees "connection reset" after it sent the request
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -180,6 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
             answer = self.api.scenario.get("result", "ok")
             job = self.api.jobs.get(job_id)
             self._finish(job_id)
+            if answer == "slow" and job is not None:
+                return self._trickle(image_bytes(job["seed"]))
             if answer != "ok" or job is None:
                 return self._send(answer if isinstance(answer, int) else 404, {"detail": "Not found"})
             return self._send(200, raw=image_bytes(job["seed"]), ctype="image/png")

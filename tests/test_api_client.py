@@ -358,8 +358,124 @@ def test_environment_proxy_is_used_for_provider_hosts(server, monkeypatch):
     server.reset({})
     prov = P.make_provider("bfl", "flux-2-pro", "http://bfl-proxy-test.invalid")
     plan = prov.plan(P.Request(prompt="x", width=64, height=64, seed=3))
+    assert not prov.trusts("http://bfl-proxy-test.invalid/v1/flux-2-pro")  # no key over plain http...
+    monkeypatch.setattr(prov, "trusts", lambda url: True)  # ...but the test proxy only speaks http
     results = JobRunner(prov, KEY, policy=RetryPolicy(**FAST)).run(plan.jobs)
     assert colors(results) == [3]
     first = server.requests[0]
     assert first["path"] == "http://bfl-proxy-test.invalid/v1/flux-2-pro" and first["headers"]["x-key"] == KEY
     assert all(r["path"].startswith("/") for r in server.requests[1:])  # loopback polling/result URLs go direct
+
+
+# -- review fixes ---------------------------------------------------------------------------------------
+
+def test_loopback_lookalike_host_is_not_trusted_with_the_key():
+    """A DNS name starting with "127." is not loopback: a shared workflow must not collect keys with it."""
+    from flux2kit.pipelines.api_client import is_loopback
+
+    assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.1.2.3", "::1"))
+    assert not any(is_loopback(h) for h in ("127.evil.example", "127.0.0.1.nip.io", "localhost.evil.example"))
+    for base in ("http://127.evil.example", "https://127.0.0.1.nip.io/v1"):
+        with pytest.raises(Exception, match=r"not a Black Forest Labs host"):
+            P.make_provider("bfl", "flux-2-pro", base).check_base_url()
+    prov = P.make_provider("bfl", "flux-2-pro")
+    assert not prov.trusts("https://127.evil.example/v1/get_result?id=1")
+
+
+def test_key_never_travels_over_plain_http_to_a_remote_host():
+    prov = P.make_provider("oxen", "flux-2-pro")
+    assert prov.trusts("https://hub.oxen.ai/api/ai/queue/1")
+    assert not prov.trusts("http://hub.oxen.ai/api/ai/queue/1")  # e.g. a redirect or polling URL downgraded to http
+    assert prov.trusts("http://127.0.0.1:8188/x")
+
+
+@pytest.mark.parametrize("provider", ["bfl", "oxen"])
+def test_unknown_poll_status_keeps_polling(api, server, caplog, provider):
+    """A status word the client does not know (providers add them) is not a failure: telling the user to run
+    again while the job still runs would charge twice."""
+    results = api(provider, {"poll": ["Pending", "Uploading", "Ready"]}, mode="queue")
+    assert colors(results) == [40] and submits(server) == 1
+
+
+def test_refused_poll_does_not_claim_nothing_was_charged(api, server, caplog):
+    with pytest.raises(ApiError, match=r"polling request \w+.*accepted and may still be charged") as e:
+        api("bfl", {"poll": ["Pending", 400]})
+    assert "Nothing was charged" not in str(e.value) and submits(server) == 1
+
+
+def test_retry_after_zero_still_backs_off():
+    from flux2kit.pipelines.api_client import Response
+
+    runner = JobRunner(P.make_provider("bfl", "flux-2-pro"), KEY, policy=RetryPolicy(retry_delay=2.0, max_retry_delay=30.0))
+    wait = lambda value: runner._retry_after(Response(429, {"retry-after": value}, b""), 2.0)  # noqa: E731
+    assert (wait("0"), wait("-3"), wait("nan"), wait("5"), wait("100"), wait("Wed, 21 Oct 2026")) == (2.0, 2.0, 2.0, 5.0, 30.0, 2.0)
+
+
+@pytest.mark.parametrize("provider", ["bfl", "oxen"])
+def test_deadline_cuts_a_slow_download(api, server, caplog, provider):
+    """A result that trickles in (each read within the socket timeout) must not outlast the deadline."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ApiError, match=r"finished \(and is charged\) but its result could not be downloaded.*"
+                                       r"deadline of 1 s") as e:
+        api(provider, {"result": "slow"}, mode="queue", policy={"deadline": 1.0})
+    assert time.monotonic() - start < 3.0  # the whole answer takes about 10 s
+    assert e.value.kind == "deadline" and e.value.request_id and submits(server) == 1
+    check_key_only_in_auth(server, provider, e.value, caplog=caplog)
+
+
+def test_cancel_during_a_slow_download_stops_promptly(api, server):
+    import time
+
+    def cancel_once_downloading():
+        return any(r["path"].startswith("/results/") for r in server.requests)
+
+    start = time.monotonic()
+    with pytest.raises(Cancelled, match=r"1 accepted job\(s\) may still finish and be charged: request id\(s\) \w+"):
+        api("bfl", {"result": "slow"}, cancel=cancel_once_downloading, policy={"deadline": 30.0})
+    assert time.monotonic() - start < 3.0
+
+
+def test_batch_deadline_names_every_accepted_job(api, server, caplog):
+    with pytest.raises(ApiError, match=r"Image 1 of 3 .*deadline.*Other accepted job\(s\) that did not deliver: "
+                                       r"request id\(s\) \w+, \w+\.") as e:
+        api("bfl", {"poll": "never"}, batch=3, policy={"deadline": 0.5})
+    assert submits(server) == 3
+    check_key_only_in_auth(server, "bfl", e.value, caplog=caplog)
+
+
+def test_cancel_names_the_accepted_jobs(api, server):
+    flag = threading.Event()
+
+    def cancel_after_polls():
+        if sum(r["method"] == "GET" for r in server.requests) >= 4:
+            flag.set()
+        return flag.is_set()
+
+    with pytest.raises(Cancelled, match=r"2 accepted job\(s\) may still finish and be charged: request id\(s\) \w+, \w+"):
+        api("bfl", {"poll": "never"}, batch=2, cancel=cancel_after_polls, policy={"deadline": 30.0})
+
+
+def test_key_with_a_line_break_is_refused_without_quoting_it(server):
+    prov = P.make_provider("bfl", "flux-2-pro", server.url)
+    bad = "sk-part-one\nsk-part-two"
+    with pytest.raises(ApiError, match=r"line breaks.*Copy it again") as e:
+        JobRunner(prov, bad, policy=RetryPolicy(**FAST))
+    assert "sk-part" not in str(e.value)
+
+
+def test_oxen_exact_size_overrides_match_input_image_without_references(server):
+    prov = P.make_provider("oxen", "flux-2-pro", server.url + "/api/ai", mode="queue")
+    plan = prov.plan(P.Request(prompt="x", aspect_ratio="match_input_image", width=1024, height=1024))
+    assert plan.jobs[0].body["aspect_ratio"] == "1:1"
+
+
+def test_cancel_note_leaves_out_the_delivered_image(api, server):
+    def cancel_after_one_result():
+        got = any(r["path"].startswith("/results/") for r in server.requests)
+        return got and sum(r["method"] == "GET" for r in server.requests) >= 6
+
+    with pytest.raises(Cancelled, match=r"^1 accepted job\(s\) may still finish and be charged: request id\(s\) \w+\.$"):
+        api("bfl", {"poll": "never", "poll_by_seed": {40: ["Ready"]}}, batch=2, cancel=cancel_after_one_result,
+            policy={"deadline": 30.0})

@@ -216,7 +216,7 @@ def test_batch_keeps_the_paid_images_when_one_is_moderated(node, server, monkeyp
     assert_no_key(server, caplog, out.result, node.texts)
 
 
-def test_cancel_mid_poll(node, server, monkeypatch):
+def test_cancel_mid_poll(node, server, monkeypatch, caplog):
     import comfy.model_management as mm
 
     monkeypatch.setenv("BFL_API_KEY", KEY)
@@ -237,6 +237,10 @@ def test_cancel_mid_poll(node, server, monkeypatch):
         mm.interrupt_current_processing(False)
     polls = sum(r["method"] == "GET" for r in server.requests)
     assert 2 <= polls <= 4 and len(server.submissions()) == 1
+    # the accepted (and charged) job is named, so the user can find it in the provider's usage log
+    rid = next(iter(server.jobs))
+    assert f"cancelled: 1 accepted job(s) may still finish and be charged: request id(s) {rid}" in node.texts[-1]
+    assert rid in caplog.text
 
 
 # -- the shipped workflow, headless ----------------------------------------------------------------------
