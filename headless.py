@@ -1224,7 +1224,8 @@ def check_value(spec, value) -> str | None:
             return f"is {value!r}; choose one of {shown}"
     elif kind in ("INT", "FLOAT"):
         whole = kind == "INT"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not float(value).is_integer()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (  # NaN passes min/max
+                whole and not float(value).is_integer()):
             return f"must be a {'whole ' if whole else ''}number, got {value!r}"
         if opts.get("min") is not None and value < opts["min"]:
             return f"is {value}, below the minimum {opts['min']}"

@@ -60,6 +60,8 @@ def object_info_of(url: str) -> dict:
                             f"(python main.py --listen)? Drop it from the command to run on the others.") from None
     except Refused as e:
         raise Flux2KitError(f"{server.url}/object_info answered {e}; is it a ComfyUI server?") from None
+    except ValueError:
+        raise Flux2KitError(f"{server.url}/object_info did not answer JSON; is it a ComfyUI server?") from None
 
 
 def batch_command(args) -> dict:
@@ -69,6 +71,9 @@ def batch_command(args) -> dict:
     if not servers and not use_local:
         raise Flux2KitError("Where should the jobs run? Give --server URL (repeatable) for ComfyUI servers, "
                             "or --target local to run in this process.")
+    if args.per_server < 1 or args.retries < 0:  # --per-server 0 would wait for a free slot forever
+        raise Flux2KitError(f"--per-server must be 1 or more and --retries 0 or more (got {args.per_server} and "
+                            f"{args.retries}).")
     data, kind = read_workflow(args.workflow)
     infos, runner = {}, None
     for url in servers:

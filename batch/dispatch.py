@@ -16,6 +16,9 @@ from .servers import LOCAL, Local, Refused, Server, Unreachable
 
 POLL_SECONDS = 0.5
 DOWN_AFTER_SECONDS = 3.0  # a server failing every request for this long is given up on
+# A prompt id recorded as "submitting" that the server does not know yet is only taken as never sent once
+# this long has passed since the record: a slow server may still be handling a POST that timed out here.
+ARRIVAL_GRACE_SECONDS = 30.0
 
 
 def _say(message: str) -> None:
@@ -30,12 +33,12 @@ class Batch:
                  retries: int = 2, json_events: bool = False, retry_failed: bool = False, log=_say, workflow_name=""):
         self.jobs = {j["index"]: j for j in jobs}
         self.out_dir = os.path.abspath(out_dir)
+        self.manifest = Manifest(self.out_dir)  # first: it refuses a folder another batch command is using
         self.retries, self.json_events, self.log = retries, json_events, log
         self.workflow_name = workflow_name
         self.wake: queue.Queue = queue.Queue()
         self.servers = {s.url: s for s in (Server(u, per_server, self.wake) for u in servers)}
         self.local = Local(local_runner, self.wake) if local_runner is not None else None
-        self.manifest = Manifest(self.out_dir)
         for leftover in os.listdir(self.out_dir):  # half-written files of a run that was killed
             if leftover.endswith(".tmp"):
                 os.remove(os.path.join(self.out_dir, leftover))
@@ -43,7 +46,13 @@ class Batch:
         self.started = time.monotonic()
         self.done_now = self.images_now = 0
         self._last_progress, self._last_line = 0.0, None
-        self._sync(retry_failed)
+        try:
+            self._sync(retry_failed)
+        except BaseException:
+            self.manifest.close()
+            if self.local is not None:
+                self.local.stop()
+            raise
 
     # -- manifest
 
@@ -166,8 +175,11 @@ class Batch:
                     self._failing(server, e)
                     break
                 if entry is None:
+                    if self.state[index]["state"] == "submitting" and \
+                            time.time() - (self.state[index].get("submitted") or 0) < ARRIVAL_GRACE_SECONDS:
+                        continue  # its POST may still be on its way (timed out here, the server slow): look again
                     del server.inflight[prompt_id]
-                    if self.state[index]["state"] == "submitting":  # never arrived: submit it again, same id
+                    if self.state[index]["state"] == "submitting":  # never arrived: submit it again, a new id
                         self._attempt(prompt_id, "never arrived")
                         self._set(index, state="pending")
                     else:
@@ -256,13 +268,14 @@ class Batch:
     def _submit(self, server: Server, index: int) -> None:
         job, s = self.jobs[index], self.state[index]
         prompt_id = str(uuid.uuid4())
+        now = time.time()
         # Recorded before the POST: a stop between the two leaves an id to look up, never a duplicate.
         self.manifest.many([
             ("INSERT OR REPLACE INTO attempts (prompt_id, job, target, state, time) VALUES (?, ?, ?, 'submitting', ?)",
-             (prompt_id, index, server.url, time.time())),
+             (prompt_id, index, server.url, now)),
             ("UPDATE jobs SET state = 'submitting', target = ?, prompt_id = ?, submitted = ? WHERE job = ?",
-             (server.url, prompt_id, time.time(), index))])
-        s.update(state="submitting", target=server.url, prompt_id=prompt_id)
+             (server.url, prompt_id, now, index))])
+        s.update(state="submitting", target=server.url, prompt_id=prompt_id, submitted=now)
         server.inflight[prompt_id] = index
         server.busy += 1
         server.assigned += 1
@@ -279,7 +292,11 @@ class Batch:
             message = _prompt_errors(job["workflow"], e.body, e.code) if e.code == 400 else str(e)
             self._fail(index, prompt_id, message)
             return
-        except (Unreachable, OSError, ValueError) as e:
+        except OSError as e:  # a reference image gone or unreadable here (HTTP trouble is Unreachable): not the server
+            del server.inflight[prompt_id]
+            self._fail(index, prompt_id, f"cannot read {e.filename or 'a reference image'}: {e.strerror or e}")
+            return
+        except (Unreachable, ValueError) as e:
             self._failing(server, e)  # the poll finds out whether it got there
             return
         self._set(index, state="queued", attempts=s["attempts"] + 1)
@@ -327,7 +344,15 @@ class Batch:
         for k, item in enumerate(items):
             try:
                 data = server.view(item)
-            except (Unreachable, Refused) as e:
+            except Refused as e:
+                if 400 <= e.code < 500:  # the server answers but has no such image: asking again never ends
+                    self._lost(index, prompt_id, f"{server.url} cannot give image {item.get('filename')!r} of prompt "
+                                                 f"{prompt_id} ({e})")
+                    return
+                server.inflight[prompt_id] = index
+                self.log(f"\ncannot fetch {item.get('filename')} of job {index} from {server.url} yet: {e}")
+                return
+            except Unreachable as e:
                 server.inflight[prompt_id] = index  # try again at the next poll (or elsewhere if the server is gone)
                 self.log(f"\ncannot fetch {item.get('filename')} of job {index} from {server.url} yet: {e}")
                 return

@@ -49,6 +49,12 @@ def read_rows(path: str) -> list[tuple[int, object]]:
             return rows
     except FileNotFoundError:
         raise Flux2KitError(f"Inputs file not found: {path}.") from None
+    except UnicodeDecodeError as e:
+        raise Flux2KitError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 (in Excel: CSV UTF-8).") from None
+    except csv.Error as e:
+        raise Flux2KitError(f"{path}: not a readable CSV file ({e}).") from None
+    except OSError as e:
+        raise Flux2KitError(f"Cannot read the inputs file {path}: {e}") from None
 
 
 def parse_sweep(text: str) -> tuple[str, list]:

@@ -8,7 +8,15 @@ import os
 import sqlite3
 import threading
 
+from ..pipelines.errors import Flux2KitError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock
+    fcntl = None
+
 MANIFEST = "batch.sqlite"
+LOCK = "batch.lock"
 
 
 
@@ -28,6 +36,16 @@ class Manifest:
 
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
+        # One batch command per folder: two would both submit the pending jobs (each run twice).
+        self._lock_file = open(os.path.join(folder, LOCK), "a")
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock_file.close()
+                raise Flux2KitError(f"Another flux2kit batch command is using {folder} (it holds {LOCK}). Let it "
+                                    f"finish or stop it first; running both would submit the same jobs "
+                                    f"twice.") from None
         self.path = os.path.join(folder, MANIFEST)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -71,6 +89,7 @@ class Manifest:
 
     def close(self) -> None:
         self.db.close()
+        self._lock_file.close()  # releases the lock
 
 
 def fingerprint(job: dict) -> str:

@@ -442,3 +442,114 @@ def test_a_job_lost_more_often_than_retries_allow_fails_with_the_reason(servers,
     assert summary["done"] == 2 and summary["failed"] == 0 and summary["done_this_run"] == 1
     assert [e["job"] for e in server.executions() if e["event"] == "done" and e["name"] in
             {j["name"] for j in jobs}] == [2, 1]
+
+
+def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(servers, tmp_path):
+    """A POST that timed out here (the server slow) may still be queued there: the id is looked for a while."""
+    import uuid
+
+    from flux2kit.batch import Batch, Plan, Server, object_info_of
+    from flux2kit.headless import load_workflow
+
+    server = servers[1]
+    plan = Plan(load_workflow(os.path.join(API, "text_to_image.json")), None, [("seed", [91])],
+                [*DEMO_NAMES, *FAST], str(tmp_path))
+    jobs, _ = plan.jobs(object_info_of(server.url))
+    out = tmp_path / "out"
+    Batch(jobs, out, [server.url], log=lambda m: None).manifest.close()
+    late = str(uuid.uuid4())
+    db = sqlite3.connect(out / "batch.sqlite")
+    with db:  # recorded and POSTed just now; the server has not queued it yet
+        db.execute("UPDATE jobs SET state = 'submitting', target = ?, prompt_id = ?, submitted = ? WHERE job = 1",
+                   (server.url, late, time.time()))
+        db.execute("INSERT INTO attempts (prompt_id, job, target, state, time) VALUES (?, 1, ?, 'submitting', 0)",
+                   (late, server.url))
+        bid = json.loads(db.execute("SELECT value FROM meta WHERE key = 'batch_id'").fetchone()[0])
+    db.close()
+
+    def arrive():
+        time.sleep(1.5)
+        Server(server.url, 0, None).json("POST", "/prompt", {
+            "prompt": jobs[0]["workflow"], "prompt_id": late,
+            "extra_data": {"flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}}})
+
+    thread = threading.Thread(target=arrive)
+    thread.start()
+    summary = Batch(jobs, out, [server.url], log=lambda m: None).run()
+    thread.join()
+    assert summary["done"] == 1 and summary["failed"] == 0
+    queued = [e for e in server.executions() if e["batch"] == bid and e["event"] == "queued"]
+    assert [e["prompt_id"] for e in queued] == [late]  # collected from the late prompt, not submitted again
+
+
+def test_an_image_the_server_cannot_give_is_retried_then_failed_not_asked_for_forever(servers, tmp_path,
+                                                                                       monkeypatch):
+    from flux2kit.batch import Batch, Plan, object_info_of
+    from flux2kit.batch import servers as batch_servers
+    from flux2kit.headless import load_workflow
+
+    server = servers[0]
+    plan = Plan(load_workflow(os.path.join(API, "text_to_image.json")), None, [("seed", [95])],
+                [*DEMO_NAMES, *FAST], str(tmp_path))
+    jobs, _ = plan.jobs(object_info_of(server.url))
+
+    def view(self, item):
+        raise batch_servers.Refused(404, b'{"error": "not found"}')
+
+    monkeypatch.setattr(batch_servers.Server, "view", view)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(summary=Batch(
+        jobs, tmp_path / "out", [server.url], retries=1, log=lambda m: None).run()), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the batch kept asking for an image the server does not have"
+    summary = result["summary"]
+    assert summary["failed"] == 1
+    (reason,) = summary["failures"].values()
+    assert "cannot give image" in reason and "HTTP 404" in reason and "given up after 2 attempts" in reason
+
+
+def test_two_commands_on_one_folder_and_bad_options_are_refused(tmp_path):
+    from flux2kit.batch import Manifest, read_rows
+    from flux2kit.headless import check_value
+
+    first = Manifest(str(tmp_path / "out"))
+    with pytest.raises(Flux2KitError, match="Another flux2kit batch command is using"):
+        Manifest(str(tmp_path / "out"))
+    first.close()
+    Manifest(str(tmp_path / "out")).close()  # free again once the first is done
+    latin = tmp_path / "rows.csv"
+    latin.write_bytes("prompt\ncaf\xe9 au lait\n".encode("latin-1"))  # Excel's "CSV" on Windows
+    with pytest.raises(Flux2KitError, match="is not UTF-8 text"):
+        read_rows(str(latin))
+    code, _, stderr = run_cli("batch", os.path.join(API, "text_to_image.json"), "--out", tmp_path / "o",
+                              "--server", "http://127.0.0.1:9", "--per-server", 0, "--sweep", "seed=1..2")
+    assert code == 2 and "--per-server must be 1 or more" in stderr
+    assert check_value(["FLOAT", {"min": 0.0, "max": 10.0}], float("nan")) == "must be a number, got nan"
+
+
+def test_a_reference_image_gone_before_its_upload_fails_the_job_not_the_server(servers, tmp_path):
+    from flux2kit.batch import Batch, Plan, object_info_of
+
+    server = servers[0]
+    refs = [png(tmp_path / f"ref{i}.png", seed=i) for i in range(3)]
+    plan = Plan(load_api("three_reference_edit"), None, [("seed", [97])],
+                [*DEMO_NAMES, *FAST, *[f"image {i + 1}: the {w}.image={r}" for i, (w, r) in
+                                       enumerate(zip(("person", "jacket", "street"), refs))]], str(tmp_path))
+    jobs, problems = plan.jobs(object_info_of(server.url))
+    assert not problems, problems
+    os.remove(refs[1])  # after the check, before the upload
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(summary=Batch(
+        jobs, tmp_path / "out", [server.url], log=lambda m: None).run()), daemon=True)
+    thread.start()
+    thread.join(timeout=90)
+    assert not thread.is_alive(), "the batch kept submitting a job whose image is gone"
+    (reason,) = result["summary"]["failures"].values()
+    assert reason == f"cannot read {refs[1]}: No such file or directory"
+
+
+def load_api(name):
+    from flux2kit.headless import load_workflow
+
+    return load_workflow(os.path.join(API, f"{name}.json"))
