@@ -36,7 +36,8 @@ MAX_TOKENS = 512
 MAX_REFERENCES = 10
 _TEMPLATE_TOKENS = 40  # the system message and chat markup the text encoder adds around every prompt
 
-_IMAGE_MENTION = re.compile(r"\bimages?\s*#?\s*(\d+(?:\s*(?:,|and|&|or)\s*#?\s*\d+)*)", re.IGNORECASE)
+# "#" with its own optional space: "\s*#?\s*" would try every split of a long run of spaces (quadratic).
+_IMAGE_MENTION = re.compile(r"\bimages?\s*(?:#\s*)?(\d+(?:\s*(?:,|and|&|or)\s*(?:#\s*)?\d+)*)", re.IGNORECASE)
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
@@ -143,16 +144,30 @@ def parse_prompt(text: str, *, reference_count: int | None = None) -> dict:
     if not text.strip():
         raise Flux2KitError("The JSON prompt is empty: paste a JSON object such as {\"scene\": \"...\"}.")
     try:
-        data = json.loads(text, object_pairs_hook=_object_pairs)
+        data = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
         raise Flux2KitError(_decode_error(text, e)) from None
+    except ValueError as e:  # an integer literal longer than Python converts (4,300 digits)
+        raise Flux2KitError(f"The JSON prompt has a number too long to read ({str(e)[:80]}). Shorten it.") from None
     except RecursionError:  # not reached after the depth check; kept so no input can crash the node
         raise Flux2KitError(f"The JSON prompt nests too deeply; at most {MAX_DEPTH} levels are allowed.") from None
     return validate(data, reference_count=reference_count)
 
 
+def _refuse_constant(name: str):
+    raise Flux2KitError(f"The JSON prompt contains {name}, which is not valid JSON (json.loads accepts it, other "
+                        "readers do not). Write a number or text instead.")
+
+
+def _number(digits: str) -> int:
+    """Decimal digits -> int; absurdly long numbers (which int() refuses past 4,300 digits) read as 10**9."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 9 else 10**9
+
+
 def _decode_error(text: str, e: json.JSONDecodeError) -> str:
-    line = text.splitlines()[e.lineno - 1] if text.splitlines() and e.lineno <= len(text.splitlines()) else ""
+    lines = text.split("\n")  # json counts lines by "\n" only; splitlines() also splits at \u2028, \x1c, ...
+    line = lines[e.lineno - 1] if e.lineno <= len(lines) else ""
     start = max(0, e.colno - 30)
     snippet = line[start:e.colno + 20]
     hint = ""
@@ -182,6 +197,9 @@ def validate(data, *, reference_count: int | None = None) -> dict:
         raise Flux2KitError(f"A JSON prompt is an object ({{\"scene\": ...}}), not {_kind(data)}. Wrap the fields in "
                             "{ }.")
     out = _fields(data, (), FIELDS, problem, _top_field)
+    for path in _unencodable(out, ()):
+        problem(path, "contains a lone UTF-16 surrogate (an escape like \\ud800 without its pair), which no text "
+                      "encoder can read; remove it or write the character itself")
     if reference_count:
         for path, number in _mentions(out, ()):
             if not 1 <= number <= reference_count:
@@ -193,8 +211,25 @@ def validate(data, *, reference_count: int | None = None) -> dict:
         head = (f"The JSON prompt has {len(problems)} problems" if len(problems) > 1
                 else "The JSON prompt has a problem")
         shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
-        raise Flux2KitError(head + ":\n- " + "\n- ".join(shown))
+        message = head + ":\n- " + "\n- ".join(shown)
+        raise Flux2KitError(message.encode("utf-8", "backslashreplace").decode("utf-8"))  # paths may hold surrogates
     return out
+
+
+def _unencodable(value, path):
+    """Paths of strings (keys or values) that cannot be written as UTF-8: lone surrogates from JSON escapes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            yield path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _unencodable(k, path + (k,))
+            yield from _unencodable(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _unencodable(v, path + (i,))
 
 
 def _kind(value) -> str:
@@ -287,11 +322,11 @@ def _subject_field(key, value, path, problem):
     if key == "reference":
         if isinstance(value, int) and not isinstance(value, bool):
             value = f"image {value}"
-        m = re.fullmatch(r"\s*image\s*#?\s*(\d+)\s*", value) if isinstance(value, str) else None
+        m = re.fullmatch(r"\s*image\s*#?\s*(\d+)\s*", value, re.IGNORECASE) if isinstance(value, str) else None
         if not m:
             problem(path, f'must name a reference image like "image 2", not {value!r}')
             return _plain(value)
-        number = int(m.group(1))
+        number = _number(m.group(1))
         if not 1 <= number <= MAX_REFERENCES:
             problem(path, f"names image {number}; references are numbered image 1 to image {MAX_REFERENCES}")
         return f"image {number}"
@@ -334,7 +369,7 @@ def _hex_entry(value, path, problem, *, suffix: bool = True):
 
 def image_mentions(text: str) -> list[int]:
     """The reference numbers a text names: "image 2", "Image #3", "images 1 and 4" -> [2, 3, 1, 4]."""
-    return [int(n) for m in _IMAGE_MENTION.finditer(text) for n in re.findall(r"\d+", m.group(1))]
+    return [_number(n) for m in _IMAGE_MENTION.finditer(text) for n in re.findall(r"\d+", m.group(1))]
 
 
 def _mentions(value, path):

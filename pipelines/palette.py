@@ -202,11 +202,11 @@ def parse_color_lines(text: str) -> list[PaletteColor]:
     Every bad line is reported at once, with its line number.
     """
     colors, problems = [], []
-    for number, line in enumerate(text.replace(";", "\n").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("//"):
-            continue
-        code, _, obj = line.partition(" ")
+    entries = [(number, line.strip()) for number, line in enumerate(text.replace(";", "\n").splitlines(), start=1)
+               if line.strip() and not line.strip().startswith("//")]
+    check_palette_size(len(entries))  # before naming each: a pasted list can be huge
+    for number, line in entries:
+        code, obj = (line.split(None, 1) + [""])[:2]  # any whitespace after the code: a space or a tab
         code, obj = code.rstrip(":,"), obj.strip().lstrip(":=-").strip()
         try:
             colors.append(PaletteColor.make(code, obj))
@@ -233,20 +233,21 @@ _MAX_SAMPLES = 65536
 def image_pixels(image) -> np.ndarray:
     """An image (torch tensor or array: (H, W, C) or (B, H, W, C), floats in [0, 1] or uint8) -> (N, 3) uint8."""
     if hasattr(image, "detach"):  # a torch tensor, without importing torch here
-        image = image.detach().cpu().float().numpy()
+        image = image.detach().cpu()
+        image = (image if str(image.dtype) == "torch.uint8" else image.float()).numpy()  # uint8 stays 0-255
     a = np.asarray(image)
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3, 4) or a.size == 0:
         raise Flux2KitError(f"Expected an image (height, width, channels) or a batch of them; got shape {a.shape}.")
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    a = a[..., :3]  # colours of the pixels; transparency is not a colour
-    if a.dtype != np.uint8:
-        a = np.clip(np.nan_to_num(a.astype(np.float64)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    pixels = a.reshape(-1, 3)
-    if len(pixels) > _MAX_SAMPLES:  # an even, deterministic subsample: every n-th pixel
+    pixels = a.reshape(-1, a.shape[-1])
+    if len(pixels) > _MAX_SAMPLES:  # an even, deterministic subsample (every n-th pixel), before any conversion
         pixels = pixels[np.linspace(0, len(pixels) - 1, _MAX_SAMPLES).astype(np.int64)]
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    pixels = pixels[:, :3]  # colours of the pixels; transparency is not a colour
+    if pixels.dtype != np.uint8:
+        pixels = np.clip(np.nan_to_num(pixels.astype(np.float64)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return pixels
 
 

@@ -191,3 +191,44 @@ def test_token_status():
     status, over = token_status("x", exact=600)
     assert over and status.startswith("600 of 512 tokens - WARNING") and "estimate" not in status
     assert token_status("x", exact=20) == ("20 of 512 tokens", False)
+
+
+def test_long_runs_of_spaces_after_image_are_linear():
+    import time
+
+    start = time.perf_counter()
+    assert image_mentions("image" + " " * 50_000 + "x") == []  # was quadratic: minutes at the 100,000-char limit
+    assert image_mentions("image" + " " * 50_000 + "# 2") == [2]
+    check_reference_mentions("the lamp from image" + " " * 50_000 + "1", 1)
+    assert time.perf_counter() - start < 2
+
+
+def test_huge_numbers_are_clear_errors_not_crashes():
+    digits = "1" * 5000  # past Python's 4,300-digit int conversion limit
+    with pytest.raises(Flux2KitError, match="number too long"):
+        parse_prompt('{"scene": "x", "extra": ' + digits + "}")
+    assert "names image 1000000000; references are numbered" in _problems(
+        '{"subjects": [{"description": "a", "reference": "image ' + digits + '"}]}')
+    assert "names image 1000000000, but 2 reference images" in _problems(
+        '{"scene": "the cat from image ' + digits + '"}', reference_count=2)
+    with pytest.raises(Flux2KitError, match="names image 1000000000, but 2"):
+        check_reference_mentions("the cat from image " + digits, 2)
+    assert image_mentions("image 007 and image 0") == [7, 0]
+
+
+def test_lone_surrogates_and_nan_are_clear_errors():
+    message = _problems('{"scene": "a \\ud800 b", "subjects": [{"description": "ok \\udfff"}]}')
+    assert "scene: contains a lone UTF-16 surrogate" in message
+    assert "subjects[0].description: contains a lone UTF-16 surrogate" in message
+    message.encode("utf-8")  # the error itself can be sent to the browser
+    assert parse_prompt('{"scene": "\\ud83c\\udf89"}')["scene"] == "🎉"  # a proper pair is one character
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(Flux2KitError, match=f"contains {constant}, which is not valid JSON"):
+            parse_prompt('{"scene": "x", "text_elements": [{"text": "a", "size": ' + constant + "}]}")
+
+
+def test_reference_any_case_and_error_snippet_after_unicode_line_separators():
+    assert parse_prompt('{"subjects": [{"description": "a", "reference": "Image #2"}]}')["subjects"][0] == \
+        {"description": "a", "reference": "image 2"}
+    # U+2028 inside a string is one JSON line, not two: the snippet shows the real spot
+    assert '"x": }' in _problems('{"scene": "a\u2028b", "x": }')  # was near '{"scene": "a'

@@ -186,3 +186,30 @@ def test_swatches_show_each_colour():
     label_pixels = img[0, :50, :100].reshape(-1, 3)
     assert (np.abs(label_pixels - np.array([2, 235, 60]) / 255).max(1) > 0.5).any()  # a label was drawn
     assert render_swatches([]).shape[0] == 1
+
+
+def test_typed_colours_limit_is_checked_before_naming_each_one():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(Flux2KitError, match="The palette has 200000 colours; at most 16"):
+        parse_color_lines("#02EB3C the vase\n" * 200_000)
+    assert time.perf_counter() - start < 2  # was about a minute: every line was named first
+    assert [(c.hex, c.object) for c in parse_color_lines("#02EB3C\tthe vase")] == [("#02EB3C", "the vase")]
+
+
+def test_dominant_colours_of_a_big_batch_converts_only_the_sample():
+    import tracemalloc
+
+    batch = np.zeros((4, 1024, 1024, 3), dtype=np.float32)
+    batch[:, :512] = [1.0, 0.0, 0.0]
+    tracemalloc.start()
+    try:
+        got = dominant_colors(batch, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(c.hex, c.weight) for c in got] == [("#000000", 0.5), ("#FF0000", 0.5)]
+    assert peak < 100e6  # converting the whole batch to float64 first took 300 MB here (2 GB for 8 x 2048^2)
+    as_uint8 = torch.from_numpy((batch[:1, :8, :8] * 255).astype(np.uint8))  # a uint8 tensor is 0-255, not 0-1
+    assert [c.hex for c in dominant_colors(as_uint8, 2)] == ["#FF0000"]

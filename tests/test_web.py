@@ -42,6 +42,15 @@ def test_extension_uses_only_the_public_frontend_api():
     assert not list((WEB / "tests").glob("*.js"))
 
 
+def test_preview_widget_is_not_saved_in_the_workflow():
+    # The frontend leaves a widget out of widgets_values only when widget.serialize === false (as ComfyUI's own
+    # audio and image previews set it); addDOMWidget's options.serialize only keeps it out of the API prompt.
+    source = (WEB / "flux2kit_prompts.js").read_text(encoding="utf-8")
+    assert re.search(r"const (\w+) = this\.addDOMWidget\(WIDGET,", source)
+    name = re.search(r"const (\w+) = this\.addDOMWidget\(WIDGET,", source).group(1)
+    assert re.search(rf"\b{name}\.serialize = false;", source)
+
+
 def test_preview_node_types_are_the_nodes_that_send_previews(comfy):
     from flux2kit.nodes import prompts
 
@@ -255,4 +264,4 @@ def test_previews_show_on_the_nodes_in_a_real_browser(comfyui, tmp_path):
     assert result["prompt"]["statusShown"] == "none"
     assert result["long"]["statusShown"] == "" and "WARNING: over 512" in result["long"]["status"]
     assert "flux2kit_preview" in result["widgets"]
-    assert len(result["saved"]) == 12 or result["saved"][12:] == [""]  # the preview is never saved as a widget value
+    assert len(result["saved"]) == 12  # the preview is never saved as a widget value (widget.serialize = false)

@@ -88,10 +88,12 @@ app.registerExtension({
       const result = onNodeCreated?.apply(this, arguments);
       if (typeof this.addDOMWidget === "function") {
         this.flux2kitParts = buildElement();
-        this.addDOMWidget(WIDGET, WIDGET, this.flux2kitParts.root, {
-          serialize: false, // a preview, not an input: never saved in the workflow's widget values
+        const widget = this.addDOMWidget(WIDGET, WIDGET, this.flux2kitParts.root, {
+          serialize: false, // options.serialize: left out of the prompt sent to the server
           getMinHeight: () => (this.flux2kitPreview?.text ? 140 : 40),
         });
+        // widget.serialize: left out of the workflow's widgets_values (options.serialize alone saves "" there)
+        if (widget) widget.serialize = false;
         render(this.flux2kitParts, null);
       }
       return result;
