@@ -37,7 +37,9 @@ MAX_REFERENCES = 10
 _TEMPLATE_TOKENS = 40  # the system message and chat markup the text encoder adds around every prompt
 
 # "#" with its own optional space: "\s*#?\s*" would try every split of a long run of spaces (quadratic).
-_IMAGE_MENTION = re.compile(r"\bimages?\s*(?:#\s*)?(\d+(?:\s*(?:,|and|&|or)\s*(?:#\s*)?\d+)*)", re.IGNORECASE)
+# Only plural "images" takes a list ("images 1 and 3"): after "image 1 and 3 cats", the 3 counts cats.
+_IMAGE_MENTION = re.compile(r"\b(?:images\s*(?:#\s*)?(\d+(?:\s*(?:,|and|&|or)\s*(?:#\s*)?\d+)*)|image\s*(?:#\s*)?(\d+))",
+                            re.IGNORECASE)
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
@@ -369,7 +371,7 @@ def _hex_entry(value, path, problem, *, suffix: bool = True):
 
 def image_mentions(text: str) -> list[int]:
     """The reference numbers a text names: "image 2", "Image #3", "images 1 and 4" -> [2, 3, 1, 4]."""
-    return [_number(n) for m in _IMAGE_MENTION.finditer(text) for n in re.findall(r"\d+", m.group(1))]
+    return [_number(n) for m in _IMAGE_MENTION.finditer(text) for n in re.findall(r"\d+", m.group(1) or m.group(2))]
 
 
 def _mentions(value, path):
