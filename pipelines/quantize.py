@@ -283,14 +283,25 @@ def save_fp8_transformer(src: str | os.PathLike, out: str | os.PathLike, *, head
             metadata["is_distilled"] = str(bool(ckpt.distilled)).lower()
         metadata["flux2kit.quantized_from"] = os.path.basename(os.fspath(src).rstrip("/"))
         if header_metadata:
-            metadata["_quantization_metadata"] = quantization_metadata(view)
+            # Names relative to the model, as ComfyUI's UNETLoader applies the entry again after it strips
+            # model.diffusion_model.: full names would come back as stray keys ("unet unexpected: ...").
+            metadata["_quantization_metadata"] = quantization_metadata(view, strip=COMFY_TRANSFORMER_PREFIX)
         write_safetensors(out, view, metadata=metadata)
     return os.fspath(out)
 
 
-def quantization_metadata(view: QuantizedView) -> str:
-    """The ``_quantization_metadata`` header JSON for the quantized layers of ``view``."""
-    layers = {k[: -len(".comfy_quant")]: {"format": FP8_FORMAT} for k in view.keys() if k.endswith(".comfy_quant")}
+def quantization_metadata(view: QuantizedView, *, strip: str = "") -> str:
+    """The ``_quantization_metadata`` header JSON for the quantized layers of ``view`` (names less ``strip``).
+
+    ComfyUI's text encoder loader applies the entry once to the file's own keys (full names); its
+    diffusion model loader applies it again after removing ``model.diffusion_model.`` (pass that as
+    ``strip``: the first pass then adds keys the prefix filter drops, the second the right ones).
+    """
+    layers = {}
+    for k in view.keys():
+        if k.endswith(".comfy_quant"):
+            name = k[: -len(".comfy_quant")]
+            layers[name[len(strip):] if strip and name.startswith(strip) else name] = {"format": FP8_FORMAT}
     return json.dumps({"format_version": "1.0", "layers": layers})
 
 
@@ -318,8 +329,8 @@ def write_safetensors(path: str | os.PathLike, view, *, metadata: dict[str, str]
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     tmp = path + ".partial"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
@@ -333,9 +344,14 @@ def write_safetensors(path: str | os.PathLike, view, *, metadata: dict[str, str]
                 f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)  # no copy
                 del t
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError):  # disk full, read-only or missing folder: say so, not a traceback
+            raise Flux2KitError(
+                f"Could not write {path} ({exc.strerror or exc}). It needs {(offset + len(raw) + 8) / 2**30:.2f} GiB "
+                "free in a writable folder; nothing was left behind. Free space or choose another location."
+            ) from exc
         raise
 
 

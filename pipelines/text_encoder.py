@@ -292,10 +292,21 @@ def load_text_encoder(
     tokenizer_dir = _find_tokenizer_dir(tokenizer_dirs, family)
     files = safetensors_files_in(model_dir, "model")
     tokenizer = _load_tokenizer(tokenizer_dir, family)
-    check_tokenizer_fits(tokenizer, text_config.vocab_size, model_dir)
+    # A tokenizer smaller than the embedding table passes check_tokenizer_fits yet may be another model's
+    # (Mistral's 131072 tokens next to Qwen3's 151936 rows): check the family's chat tokens too.
+    text_encoder_files.check_tokenizer_belongs(tokenizer, family, int(text_config.vocab_size), model_dir, tokenizer_dir)
     num_layers = max(FAMILY_LAYERS[family])
-    with TensorFile.open(files) as weights:
-        model = _build_text_model(text_config, weights, num_layers=num_layers, device=device, dtype=dtype, family=family)
+    try:
+        with TensorFile.open(files) as weights:
+            model = _build_text_model(text_config, weights, num_layers=num_layers, device=device, dtype=dtype,
+                                      family=family)
+    except BaseException as exc:
+        # The half-built model must not stay alive through the traceback ComfyUI keeps for its report.
+        from .errors import forget_locals
+
+        forget_locals(exc)
+        gc.collect()
+        raise
     return Flux2TextEncoder(model, tokenizer, family=family)
 
 

@@ -450,20 +450,24 @@ def _missing_tokenizer(path: str, family: str):
 
 def check_tokenizer_matches(tok, info: TextEncoderFile, where: str) -> None:
     """Refuse a tokenizer whose vocabulary is not the encoder's (embedding rows, chat tokens)."""
+    check_tokenizer_belongs(tok, info.family, int(info.config.vocab_size), info.files.name, where)
+
+
+def check_tokenizer_belongs(tok, family: str, rows: int, encoder: str, where: str) -> None:
+    """``check_tokenizer_matches`` for any encoder: ``rows`` embedding rows, named ``encoder`` in messages."""
     from .text_encoder import check_tokenizer_fits
 
-    rows = int(info.config.vocab_size)
-    check_tokenizer_fits(tok, rows, info.files.name)
+    check_tokenizer_fits(tok, rows, encoder)
     size = len(tok)
     vocab = tok.get_vocab()
-    missing = [t for t in _FAMILY_TOKENS[info.family] if t not in vocab]
+    missing = [t for t in _FAMILY_TOKENS[family] if t not in vocab]
     # Embedding tables are padded a little (Qwen3: 151936 rows for 151669 tokens), never by thousands.
     if missing or rows - size > 1024:
         why = f"it lacks {', '.join(missing)}" if missing else f"it has {size} tokens for {rows} embedding rows"
         raise Flux2KitError(
-            f"The tokenizer from {where} does not match the text encoder {info.files.name}: {why}. They belong to "
+            f"The tokenizer from {where} does not match the text encoder {encoder}: {why}. They belong to "
             "different models. Use the tokenizer that ships with this text encoder "
-            f"({'its tekken_model' if info.family == 'mistral' else 'Qwen3 / ComfyUI qwen25_tokenizer'})."
+            f"({'its tekken_model' if family == 'mistral' else 'Qwen3 / ComfyUI qwen25_tokenizer'})."
         )
 
 

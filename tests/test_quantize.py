@@ -124,15 +124,59 @@ def test_saved_file_is_comfyui_current_fp8_format(saved):
             assert tensors[f"{layer}.weight_scale"] == type(tensors[f"{layer}.weight_scale"])("F32", ())
             assert json.loads(f.get_tensor(f"{layer}.comfy_quant").numpy().tobytes()) == {"format": "float8_e4m3fn"}
             assert f"{layer}.input_scale" not in tensors
-    # the header entry lists the same layers, with full key names, as ComfyUI's convert_old_quants reads it
+    # the header entry lists the same layers, named within the model (ComfyUI's UNETLoader applies it
+    # after stripping model.diffusion_model.; see the next test)
     meta = json.loads(header.metadata["_quantization_metadata"])
     assert meta["format_version"] == "1.0"
-    assert sorted(meta["layers"]) == quant_layers
+    assert sorted(COMFY_TRANSFORMER_PREFIX + k for k in meta["layers"]) == quant_layers
     assert all(v == {"format": "float8_e4m3fn"} for v in meta["layers"].values())
     # embedders, modulation and the final layer stay bf16, as in ComfyUI's fp8mixed files
     for name in ("img_in.weight", "txt_in.weight", "double_stream_modulation_img.lin.weight",
                  "final_layer.linear.weight", "double_blocks.0.img_attn.norm.query_norm.scale"):
         assert tensors[COMFY_TRANSFORMER_PREFIX + name].dtype == "BF16"
+
+
+def _comfyui_unet_state_dict(path, *, drop_comfy_quant_tensors=False):
+    """The state dict ComfyUI 0.29's load_diffusion_model_state_dict hands the model (comfy/sd.py):
+    convert_old_quants (its metadata branch) on the full keys, strip model.diffusion_model. keeping only
+    those keys, convert_old_quants again with the same metadata."""
+    sd = {k: None for k in read_header(path).tensors}
+    if drop_comfy_quant_tensors:
+        sd = {k: v for k, v in sd.items() if not k.endswith(".comfy_quant")}
+    metadata = read_header(path).metadata
+
+    def convert_old_quants(state):
+        if "_quantization_metadata" in metadata:
+            for k in json.loads(metadata["_quantization_metadata"])["layers"]:
+                state[f"{k}.comfy_quant"] = None
+        return state
+
+    sd = convert_old_quants(sd)
+    stripped = {k[len(COMFY_TRANSFORMER_PREFIX):]: v for k, v in sd.items() if k.startswith(COMFY_TRANSFORMER_PREFIX)}
+    return set(convert_old_quants(stripped))
+
+
+def test_comfyui_unet_loader_reads_the_header_entry_without_stray_keys(saved):
+    """Full names in _quantization_metadata came back from ComfyUI's second pass as keys no layer has
+    (logged as "unet unexpected: [...]" for every FP8 layer)."""
+    keys = _comfyui_unet_state_dict(saved["bfl"])
+    assert keys == {k[len(COMFY_TRANSFORMER_PREFIX):] for k in read_header(saved["bfl"]).tensors}
+    # the header entry alone (no comfy_quant tensors) still marks every FP8 layer
+    assert _comfyui_unet_state_dict(saved["bfl"], drop_comfy_quant_tensors=True) == keys
+
+
+def test_header_entry_alone_marks_the_fp8_layers_for_our_loader(saved, tmp_path):
+    from flux2kit.pipelines.checkpoint_formats import inspect_transformer
+
+    state = {k: v for k, v in load_file(saved["bfl"]).items() if not k.endswith(".comfy_quant")}
+    bare = tmp_path / "header_only.safetensors"
+    write_safetensors(bare, StateDictFiles(state), metadata=read_header(saved["bfl"]).metadata)
+    a, b = inspect_transformer(saved["bfl"]), inspect_transformer(bare)
+    try:
+        assert b.quantization == "comfy-fp8" and b.layers == a.layers and len(a.layers) == 20
+    finally:
+        a.files.close()
+        b.files.close()
 
 
 def test_saved_file_without_header_entry_loads_the_same(transformer_files, saved, tmp_path):
@@ -248,6 +292,14 @@ def test_streaming_writer_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         write_safetensors(path, Broken({"a": torch.zeros(2)}))
     assert os.listdir(tmp_path) == []
+
+
+def test_streaming_writer_reports_an_unwritable_place_as_a_user_error(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(Flux2KitError, match="Could not write"):
+        write_safetensors(blocker / "x.safetensors", StateDictFiles({"a": torch.zeros(2)}))
+    assert sorted(os.listdir(tmp_path)) == ["not_a_folder"]
 
 
 # --- the node and the command -----------------------------------------------------------------------

@@ -271,6 +271,18 @@ def test_tokenizer_of_another_model_is_refused(qwen, mistral):
         load_text_encoder_file(mistral[2]["no_tekken"], tokenizer=qwen[2]["tokenizer"])
 
 
+def test_folder_with_another_models_tokenizer_is_refused(qwen, mistral, tmp_path):
+    """A Hugging Face folder whose tokenizer/ is another model's: smaller than the embedding table, so only
+    the chat tokens tell (the single-file loader checked them; the folder loader did not)."""
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(mistral[2]["hf"], folder, ignore=shutil.ignore_patterns("tokenizer"))
+    shutil.copytree(qwen[2]["tokenizer"], folder / "tokenizer")
+    with pytest.raises(Flux2KitError, match=r"does not match the text encoder.*lacks \[INST\].*different models"):
+        load_text_encoder(str(folder))
+
+
 def test_tokenizer_larger_than_the_embedding_is_refused(qwen, mistral):
     # Mistral's tiny tokenizer (1000 tokens) for the tiny Qwen3 (998 embedding rows)
     with pytest.raises(Flux2KitError, match="1000 tokens but the text encoder in qwen_3_4b.safetensors embeds only 998"):
@@ -334,6 +346,37 @@ def test_failed_load_leaves_no_model_alive(mistral, tmp_path):
         transformers.MistralModel.__init__ = real
     del info
     gc.collect()
+    assert refs and all(r() is None for r in refs)
+
+
+def test_failed_folder_load_frees_the_model_while_the_error_is_kept(mistral, tmp_path):
+    """ComfyUI keeps a failed node's exception: its traceback must not hold the half-loaded model."""
+    import gc
+    import shutil
+    import weakref
+
+    import transformers
+
+    folder = tmp_path / "hf"
+    shutil.copytree(mistral[2]["hf"], folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    sd = {k: v for k, v in load_file(weights).items() if not k.endswith("layers.29.mlp.up_proj.weight")}
+    save_file(sd, weights)
+    refs = []
+    real = transformers.MistralModel.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        refs.append(weakref.ref(self))
+
+    transformers.MistralModel.__init__ = spy
+    try:
+        with pytest.raises(Flux2KitError, match="lack 1 tensors") as info:
+            load_text_encoder(str(folder))
+    finally:
+        transformers.MistralModel.__init__ = real
+    gc.collect()
+    assert info.value is not None  # the error is still held, as ComfyUI holds it
     assert refs and all(r() is None for r in refs)
 
 
