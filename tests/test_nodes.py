@@ -6,25 +6,6 @@ import torch
 from flux2kit.pipelines.errors import Flux2KitError
 
 
-@pytest.fixture(scope="module")
-def nodes(comfy):
-    from flux2kit import nodes as pack
-
-    return {cls.define_schema().node_id: cls for cls in pack.node_list()}
-
-
-@pytest.fixture(scope="module")
-def models(nodes):
-    def choice(node_id):
-        return nodes[node_id].define_schema().inputs[0].options[0]
-
-    t = nodes["Flux2KitTransformerLoader"].execute(model_name=choice("Flux2KitTransformerLoader"),
-                                                   weight_mode="fp8 as stored", offload_blocks=False).result[0]
-    te = nodes["Flux2KitTextEncoderLoader"].execute(text_encoder_name=choice("Flux2KitTextEncoderLoader")).result[0]
-    vae = nodes["Flux2KitVAELoader"].execute(vae_name=choice("Flux2KitVAELoader")).result[0]
-    return t, te, vae
-
-
 GEN = dict(aspect_ratio="1:1", resolution="1 MP", width=64, height=64, num_inference_steps=2, guidance=4.0, seed=3,
            batch_size=1)
 

@@ -9,25 +9,6 @@ import torch
 from flux2kit.pipelines.errors import Flux2KitError
 
 
-@pytest.fixture(scope="module")
-def nodes(comfy):
-    from flux2kit import nodes as pack
-
-    return {cls.define_schema().node_id: cls for cls in pack.node_list()}
-
-
-@pytest.fixture(scope="module")
-def models(nodes):
-    def choice(node_id):
-        return nodes[node_id].define_schema().inputs[0].options[0]
-
-    t = nodes["Flux2KitTransformerLoader"].execute(model_name=choice("Flux2KitTransformerLoader"),
-                                                   weight_mode="fp8 as stored", offload_blocks=False).result[0]
-    te = nodes["Flux2KitTextEncoderLoader"].execute(text_encoder_name=choice("Flux2KitTextEncoderLoader")).result[0]
-    vae = nodes["Flux2KitVAELoader"].execute(vae_name=choice("Flux2KitVAELoader")).result[0]
-    return t, te, vae
-
-
 @pytest.fixture
 def shown(monkeypatch):
     from flux2kit.nodes import services
