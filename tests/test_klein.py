@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_pipeline_parity import _picture  # the same test pictures as the [dev] parity tests
 from comfyui_server import comfyui  # noqa: F401  (the real-ComfyUI session fixture; skips without COMFYUI_PATH)
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
@@ -29,15 +30,6 @@ from flux2kit.pipelines.transformer import load_transformer
 from flux2kit.pipelines.vae import load_vae
 
 
-def _picture(w, h, seed):
-    """A smooth, deterministic test picture (gradients and a disc), RGB uint8 (as in test_pipeline_parity)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    c = rng.uniform(0.2, 0.8, size=3)
-    img = np.stack([(x / w) * c[0], (y / h) * c[1], ((x + y) / (w + h)) * c[2]], axis=-1)
-    cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, min(w, h) / 4
-    img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 1, size=3)
-    return PIL.Image.fromarray((img * 255).astype(np.uint8))
 
 
 REFERENCE_SETS = {0: [], 1: [_picture(160, 96, 1)]}

@@ -5,6 +5,7 @@ single files must give exactly its embeddings; FP8 files those of the same model
 linears replaced by their dequantized FP8 values.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -322,17 +323,14 @@ def test_incomplete_file_names_a_missing_tensor(mistral, tmp_path):
         load_text_encoder_file(tmp_path / "broken.safetensors")
 
 
-def test_failed_load_leaves_no_model_alive(mistral, tmp_path):
-    import gc
+@contextlib.contextmanager
+def _models_built():
+    """Weak references to every MistralModel built inside the block."""
     import weakref
 
-    sd = load_file(mistral[2]["bf16"])
-    del sd["model.layers.29.mlp.up_proj.weight"]  # fails after every other tensor was loaded
-    save_file(sd, tmp_path / "broken.safetensors", metadata=read_header(mistral[2]["bf16"]).metadata)
-    refs = []
     import transformers
 
-    real = transformers.MistralModel.__init__
+    refs, real = [], transformers.MistralModel.__init__
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
@@ -340,10 +338,19 @@ def test_failed_load_leaves_no_model_alive(mistral, tmp_path):
 
     transformers.MistralModel.__init__ = spy
     try:
-        with pytest.raises(Flux2KitError) as info:
-            load_text_encoder_file(tmp_path / "broken.safetensors")
+        yield refs
     finally:
         transformers.MistralModel.__init__ = real
+
+
+def test_failed_load_leaves_no_model_alive(mistral, tmp_path):
+    import gc
+
+    sd = load_file(mistral[2]["bf16"])
+    del sd["model.layers.29.mlp.up_proj.weight"]  # fails after every other tensor was loaded
+    save_file(sd, tmp_path / "broken.safetensors", metadata=read_header(mistral[2]["bf16"]).metadata)
+    with _models_built() as refs, pytest.raises(Flux2KitError) as info:
+        load_text_encoder_file(tmp_path / "broken.safetensors")
     del info
     gc.collect()
     assert refs and all(r() is None for r in refs)
@@ -353,28 +360,14 @@ def test_failed_folder_load_frees_the_model_while_the_error_is_kept(mistral, tmp
     """ComfyUI keeps a failed node's exception: its traceback must not hold the half-loaded model."""
     import gc
     import shutil
-    import weakref
-
-    import transformers
 
     folder = tmp_path / "hf"
     shutil.copytree(mistral[2]["hf"], folder)
     weights = folder / "text_encoder" / "model.safetensors"
     sd = {k: v for k, v in load_file(weights).items() if not k.endswith("layers.29.mlp.up_proj.weight")}
     save_file(sd, weights)
-    refs = []
-    real = transformers.MistralModel.__init__
-
-    def spy(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        refs.append(weakref.ref(self))
-
-    transformers.MistralModel.__init__ = spy
-    try:
-        with pytest.raises(Flux2KitError, match="lack 1 tensors") as info:
-            load_text_encoder(str(folder))
-    finally:
-        transformers.MistralModel.__init__ = real
+    with _models_built() as refs, pytest.raises(Flux2KitError, match="lack 1 tensors") as info:
+        load_text_encoder(str(folder))
     gc.collect()
     assert info.value is not None  # the error is still held, as ComfyUI holds it
     assert refs and all(r() is None for r in refs)
