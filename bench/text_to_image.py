@@ -52,13 +52,13 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
     from transformers import Mistral3ForConditionalGeneration
 
-    from flux2kit.pipelines.generate import generate
-    from flux2kit.pipelines.text_encoder import load_text_encoder
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
-    from flux2kit.pipelines.tiny.transformer import build_tiny_transformer, fp8_reference, save_transformer
-    from flux2kit.pipelines.tiny.vae import build_tiny_vae, save_vae_ldm
-    from flux2kit.pipelines.transformer import load_transformer
-    from flux2kit.pipelines.vae import load_vae
+    from flux2kit.pipelines.generation.generate import generate
+    from flux2kit.pipelines.models.text_encoder import load_text_encoder
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer, fp8_reference, save_transformer
+    from flux2kit.pipelines.demo_models.vae import build_tiny_vae, save_vae_ldm
+    from flux2kit.pipelines.models.transformer import load_transformer
+    from flux2kit.pipelines.models.vae import load_vae
 
     torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="flux2kit-bench-t2i-")

@@ -59,7 +59,7 @@ def log(msg: str) -> None:
 # -- files, inputs, forwards ------------------------------------------------------------------------
 
 def save_files(model, workdir: str) -> dict[str, str]:
-    from flux2kit.pipelines.tiny.transformer import save_transformer
+    from flux2kit.pipelines.demo_models.transformer import save_transformer
 
     return {
         "bf16": save_transformer(model, os.path.join(workdir, "bfl-bf16.safetensors"), "bfl"),
@@ -78,7 +78,7 @@ def inputs(text_width: int, image_size: int, text_len: int, seed: int = 1) -> di
     """One image's tokens: (image_size / 16)^2 latent tokens of 128 channels, plus text."""
     import torch
 
-    from flux2kit.pipelines import sampling
+    from flux2kit.pipelines.generation import sampling
 
     side = max(1, image_size // 16)
     g = torch.Generator().manual_seed(seed)
@@ -107,7 +107,7 @@ def measure_load(kind: str, path: str, image_size: int, text_len: int) -> dict:
     import torch
     from diffusers import Flux2Transformer2DModel
 
-    from flux2kit.pipelines.transformer import load_transformer
+    from flux2kit.pipelines.models.transformer import load_transformer
 
     meter = RssMeter()
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def time_forwards(args, model, files: dict[str, str], x: dict) -> tuple[Timings,
     """Interleaved forward times of the three contenders, and how far their outputs are apart."""
     import torch
 
-    from flux2kit.pipelines.transformer import load_transformer
+    from flux2kit.pipelines.models.transformer import load_transformer
 
     ours32 = load_transformer(files["bf16"], device="cpu")
     ours8 = load_transformer(files["fp8"], device="cpu")
@@ -164,7 +164,7 @@ def run(args) -> tuple[list[Row], list[str]]:
     """Build, save, measure; returns the table rows and notes to print under the table."""
     import torch
 
-    from flux2kit.pipelines.tiny.transformer import build_tiny_transformer
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer
 
     torch.set_num_threads(args.threads)
     config = QUICK if args.quick else dev_proportions(args.heads)

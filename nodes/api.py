@@ -18,16 +18,19 @@ import PIL.Image
 import torch
 from comfy_api.latest import io
 
-from ..pipelines import api_providers as AP
-from ..pipelines.api_client import ApiError, Cancelled, JobRunner, RetryPolicy, redact
+from ..pipelines.hosted import providers as AP
 from ..pipelines.errors import Flux2KitError
-from ..pipelines.generate import check_prompt_or_images
+from ..pipelines.generation.request import check_prompt_or_images
+from ..pipelines.hosted.errors import ApiError, Cancelled, redact
+from ..pipelines.hosted.jobs import JobRunner, RetryPolicy
+from ..pipelines.hosted.transport import host_of
+from ..pipelines.parameters import OUTPUT_FORMATS
 from . import services
 from .encode import images_input, ordered_images
 from .sampling import generation_inputs
 from .types import CATEGORY
 
-API_DEFAULTS = {"num_inference_steps": 30, "guidance": 2.0}  # PARAMETERS.md: the hosted model's defaults
+API_DEFAULTS = {"num_inference_steps": 30, "guidance": 2.0}  # docs/parameters.md: the hosted model's defaults
 SETTING_IDS = {"bfl": "Flux2Kit.API.BFLKey", "oxen": "Flux2Kit.API.OxenKey"}
 BASE_URL_ENV = {"bfl": "FLUX2KIT_BFL_BASE_URL", "oxen": "FLUX2KIT_OXEN_BASE_URL"}
 TRUSTED_HOSTS_ENV = "FLUX2KIT_API_TRUSTED_HOSTS"
@@ -130,8 +133,6 @@ def api_key(provider: str) -> str:
 
 
 def _trusted_hosts(provider: str) -> list[str]:
-    from ..pipelines.api_client import host_of
-
     hosts = [h.strip() for h in os.environ.get(TRUSTED_HOSTS_ENV, "").split(",") if h.strip()]
     env_base = os.environ.get(BASE_URL_ENV[provider], "").strip()
     return hosts + ([host_of(env_base)] if env_base else [])
@@ -168,7 +169,7 @@ class APIGenerate(io.ComfyNode):
                 images_input("Reference images, numbered in the order wired (batches count one per image); at most 8 "
                              "for these providers, downscaled to 1 MP each (4 MP for a single one)."),
                 *shared_inputs(),
-                io.Combo.Input("output_format", options=list(AP.OUTPUT_FORMATS), default="webp",
+                io.Combo.Input("output_format", options=list(OUTPUT_FORMATS), default="webp",
                                tooltip="The format the provider makes. BFL makes jpeg or png (webp is sent as jpeg)."),
                 io.Int.Input("output_quality", default=80, min=0, max=100,
                              tooltip="Quality of webp/jpeg from the provider (Oxen); not used for png or by BFL."),

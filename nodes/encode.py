@@ -8,9 +8,9 @@ import torch
 from comfy_api.latest import io
 
 from ..pipelines.errors import Flux2KitError
-from ..pipelines.generate import warn_reference_count
+from ..pipelines.generation.references import encode_references, split_images
+from ..pipelines.generation.request import warn_reference_count
 from ..pipelines.parameters import MAX_REFERENCES, MEGAPIXEL, RECOMMENDED_REFERENCES
-from ..pipelines.references import encode_references, split_images
 from . import services
 from .types import CATEGORY, VAE, Conditioning, References, TextEncoder
 

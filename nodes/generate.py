@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-from ..pipelines.generate import check_prompt_or_images, check_text_encoder_fits, decode, sample, warn_reference_count
-from ..pipelines.json_prompt import check_reference_mentions
-from ..pipelines.references import encode_references, to_pil
+from ..pipelines.generation.generate import generate
+from ..pipelines.generation.request import GenerationRequest
 from . import services
 from .encode import encode_prompt, images_input, ordered_images
-from .sampling import generation_inputs, resolve_size
+from .sampling import generation_inputs
 from .types import CATEGORY, VAE, TextEncoder, Transformer
 
 
@@ -40,26 +38,16 @@ class Generate(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, text_encoder, vae, prompt, aspect_ratio, resolution, width, height,
                 num_inference_steps, guidance, seed, batch_size, images=None) -> io.NodeOutput:
-        flat = ordered_images(images)
-        check_prompt_or_images(prompt, flat)
-        check_reference_mentions(prompt, len(flat))  # 'image 5' with 2 references wired: a clear error
-        w, h = resolve_size(aspect_ratio, resolution, width, height, to_pil(flat[0]).size if flat else None)
-        check_text_encoder_fits(transformer, text_encoder.embed_dim, getattr(text_encoder, "family", None))
-        warn_reference_count(len(flat), transformer.family)
-        encoded = encode_prompt(text_encoder, prompt)
-        references = None
-        if flat:
-            services.load_to_device(vae)
-            with torch.inference_mode():
-                references = encode_references(vae, flat)
-        services.load_to_device(transformer)
-        latents = sample(transformer, encoded.embeds, references, width=w, height=h,
-                         num_inference_steps=num_inference_steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                         negative_embeds=encoded.negative,
-                         callback=services.step_callback(num_inference_steps, transformer.device),
-                         should_cancel=services.should_cancel)
-        services.load_to_device(vae)
-        return io.NodeOutput(decode(vae, latents))
+        job = GenerationRequest(prompt=prompt, images=tuple(ordered_images(images)), aspect_ratio=aspect_ratio,
+                                resolution=resolution, width=width, height=height,
+                                num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
+                                batch_size=batch_size).check()
+        job.check_models(transformer, text_encoder)  # before the prompt is encoded
+        pixels = generate(transformer, text_encoder, vae, job, encode=lambda text: encode_prompt(text_encoder, text),
+                          prepare=services.load_to_device,
+                          callback=services.step_callback(num_inference_steps, transformer.device),
+                          should_cancel=services.should_cancel)
+        return io.NodeOutput(pixels)
 
 
 NODES = [Generate]

@@ -7,15 +7,18 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..pipelines.checkpoint_formats import KLEIN_MODES
 from ..pipelines.devices import default_dtype
-from ..pipelines.text_encoder import load_text_encoder
-from ..pipelines.transformer import load_transformer
-from ..pipelines.vae import load_vae
+from ..pipelines.files.safetensors import read_header
+from ..pipelines.models.fp8_linear import WEIGHT_MODES
+from ..pipelines.models.text_encoder import load_text_encoder
+from ..pipelines.models.transformer import load_transformer
+from ..pipelines.models.vae import load_vae
+from ..pipelines.parameters import KLEIN_MODES
 from . import services
 from .types import CATEGORY, VAE, TextEncoder, Transformer
 
-WEIGHT_MODES = {"fp8 as stored": "as_stored", "bf16": "dequantize", "fp8 quantize on load": "quantize"}
+# The loader's labels for the engine's weight modes (labels are saved in workflows: keep them).
+WEIGHT_MODE_LABELS = dict(zip(("fp8 as stored", "bf16", "fp8 quantize on load"), WEIGHT_MODES))
 
 
 def _file_fingerprint(folders: tuple[str, ...], choice: str):
@@ -49,7 +52,7 @@ class TransformerLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=services.list_models(services.TRANSFORMER_FOLDERS, component="transformer"),
                                tooltip="A file in models/diffusion_models (e.g. flux2_dev_fp8mixed.safetensors) or a "
                                        "diffusers folder (ending in /) in models/diffusion_models or models/diffusers."),
-                io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="fp8 as stored",
+                io.Combo.Input("weight_mode", options=list(WEIGHT_MODE_LABELS), default="fp8 as stored",
                                tooltip="fp8 as stored: FP8 layers stay FP8 in memory (FP8 matmuls on RTX 40xx and newer, "
                                        "per-layer dequantization elsewhere). bf16: expand FP8 layers at load (twice the memory). "
                                        "fp8 quantize on load: a bf16 file's block linears become FP8 while loading (half "
@@ -76,7 +79,7 @@ class TransformerLoader(io.ComfyNode):
         path = services.resolve_model(services.TRANSFORMER_FOLDERS, model_name)
         device = services.compute_device()
         t = load_transformer(path, device=services.offload_device(), dtype=default_dtype(device),
-                             weights=WEIGHT_MODES.get(weight_mode, "as_stored"), offload_blocks=offload_blocks,
+                             weights=WEIGHT_MODE_LABELS.get(weight_mode, "as_stored"), offload_blocks=offload_blocks,
                              klein_mode=klein_mode or "auto")
         blocks = [t.model.transformer_blocks, t.model.single_transformer_blocks] if offload_blocks else []
         services.attach_patcher(t, t.model, size=_bytes(t.model, blocks))
@@ -107,8 +110,6 @@ def _comfy_tokenizer(path: str) -> str | None:
 
 
 def _header_keys(path: str) -> list[str]:
-    from ..pipelines.safetensors_io import read_header
-
     try:
         return list(read_header(path).tensors)
     except Exception:  # the loader reports a bad file itself
@@ -132,7 +133,7 @@ class TextEncoderLoader(io.ComfyNode):
                                        "diffusers FLUX.2 folder in models/diffusers, or a ComfyUI single file "
                                        "(mistral_3_small_flux2_bf16/fp8.safetensors; qwen_3_*.safetensors use ComfyUI's "
                                        "Qwen tokenizer)."),
-                io.Combo.Input("weight_mode", options=list(WEIGHT_MODES), default="fp8 as stored", optional=True,
+                io.Combo.Input("weight_mode", options=list(WEIGHT_MODE_LABELS), default="fp8 as stored", optional=True,
                                tooltip="fp8 as stored: an FP8 file stays FP8 in memory, a bf16 one stays bf16. bf16: expand "
                                        "FP8 layers at load. fp8 quantize on load: the attention and MLP linears become FP8 "
                                        "while loading (about half the memory of bf16)."),
@@ -148,7 +149,7 @@ class TextEncoderLoader(io.ComfyNode):
     def execute(cls, text_encoder_name, weight_mode=None) -> io.NodeOutput:
         path = services.resolve_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
         te = load_text_encoder(path, device=services.offload_device(), dtype=default_dtype(services.compute_device()),
-                               weights=WEIGHT_MODES.get(weight_mode or "", "as_stored"), tokenizer=_comfy_tokenizer(path))
+                               weights=WEIGHT_MODE_LABELS.get(weight_mode or "", "as_stored"), tokenizer=_comfy_tokenizer(path))
         services.attach_patcher(te, te.model, size=_bytes(te.model))
         return io.NodeOutput(te)
 

@@ -10,17 +10,14 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..pipelines import json_prompt as J
-from ..pipelines import palette as P
 from ..pipelines.errors import Flux2KitError
+from ..pipelines.prompting import json_prompt as J
+from ..pipelines.prompting import palette as P
 from . import services
-from .types import CATEGORY, TextEncoder
+from .types import CATEGORY, Palette, Subjects, TextElements, TextEncoder
 
 PROMPTS = f"{CATEGORY}/prompt"
 PICKERS = 5
-Palette = io.Custom("FLUX2KIT_PALETTE")
-Subjects = io.Custom("FLUX2KIT_JSON_SUBJECTS")
-TextElements = io.Custom("FLUX2KIT_JSON_TEXT_ELEMENTS")
 _PICKER_DEFAULTS = ("#02EB3C", "#FF6B6B", "#1E3A5F", "#F5F5DC", "#000000")
 
 

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..pipelines.errors import Flux2KitError
-from ..pipelines.quantize import save_fp8_transformer
+from ..pipelines.files.quantize import save_fp8_transformer
 from . import services
 from .types import CATEGORY
 

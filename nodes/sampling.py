@@ -6,14 +6,15 @@ from comfy_api.latest import io
 
 from ..pipelines import parameters as P
 from ..pipelines.errors import Flux2KitError
-from ..pipelines.generate import check_conditioning_fits, decode, sample
-from ..pipelines.json_prompt import check_reference_mentions
+from ..pipelines.generation.generate import decode, sample
+from ..pipelines.generation.request import check_conditioning_fits
+from ..pipelines.prompting.json_prompt import check_reference_mentions
 from . import services
 from .types import CATEGORY, VAE, Conditioning, References, Transformer
 
 
 def generation_inputs() -> list:
-    """The inputs PARAMETERS.md shares between the sampler, Generate and the API node (names are public)."""
+    """The inputs docs/parameters.md shares between the sampler, Generate and the API node (names are public)."""
     return [
         io.Combo.Input("aspect_ratio", options=list(P.ASPECT_RATIOS), default="1:1",
                        tooltip="Shape of the image. match_input_image uses the aspect of reference image 1."),

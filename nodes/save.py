@@ -19,10 +19,10 @@ from PIL.PngImagePlugin import PngInfo
 import folder_paths
 
 from ..pipelines.errors import Flux2KitError
+from ..pipelines.parameters import OUTPUT_FORMATS
 from . import services
 from .types import CATEGORY
 
-OUTPUT_FORMATS = ("png", "webp", "jpeg")
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 PNG_COMPRESS_LEVEL = 4  # ComfyUI's Save Image
 WEBP_METHOD = 4  # libwebp's default effort; ComfyUI's "default"

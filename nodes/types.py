@@ -7,5 +7,9 @@ TextEncoder = io.Custom("FLUX2KIT_TEXT_ENCODER")
 VAE = io.Custom("FLUX2KIT_VAE")
 Conditioning = io.Custom("FLUX2KIT_CONDITIONING")
 References = io.Custom("FLUX2KIT_REFERENCES")
+# Prompt builders
+Palette = io.Custom("FLUX2KIT_PALETTE")
+Subjects = io.Custom("FLUX2KIT_JSON_SUBJECTS")
+TextElements = io.Custom("FLUX2KIT_JSON_TEXT_ELEMENTS")
 
 CATEGORY = "flux2kit"

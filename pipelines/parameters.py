@@ -1,4 +1,7 @@
-"""The generation parameters shared by the local nodes and the API node (shared/PARAMETERS.md), sizes and seeds."""
+"""The generation parameters shared by the local nodes and the API node (docs/parameters.md): ranges, sizes, seeds.
+
+Every constant of that contract is defined here once; nodes, the command line and the API client import it.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +21,12 @@ GUIDANCE_RANGE = (0.0, 10.0)
 MAX_SEED = 2**64 - 1
 BATCH_RANGE = (1, 16)
 MAX_REFERENCES = 10
+MAX_TEXT_TOKENS = 512  # FLUX.2 reads at most this many prompt tokens (chat markup included)
+OUTPUT_FORMATS = ("png", "webp", "jpeg")
 RECOMMENDED_REFERENCES = {"dev": 6, "klein": 4}
-DEFAULTS = {  # per model (PARAMETERS.md); [klein] distilled runs without guidance
+# [klein] distilled and base have identical tensors: which one a file holds is read from it or set here.
+KLEIN_MODES = ("auto", "distilled", "base")
+DEFAULTS = {  # per model (docs/parameters.md); [klein] distilled runs without guidance
     "dev": {"num_inference_steps": 28, "guidance": 4.0},
     "klein-distilled": {"num_inference_steps": 4, "guidance": 1.0},
     "klein-base": {"num_inference_steps": 50, "guidance": 4.0},
@@ -34,7 +41,7 @@ def defaults_for(family: str, distilled: bool | None = None) -> dict:
 
 
 def size_from_aspect(aspect_ratio: str, resolution: str, first_image_size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(width, height) for an aspect ratio and a resolution, by the rule in PARAMETERS.md."""
+    """(width, height) for an aspect ratio and a resolution, by the rule in docs/parameters.md."""
     if resolution not in RESOLUTIONS:
         raise Flux2KitError(f"Unknown resolution {resolution!r}; use one of {', '.join(RESOLUTIONS)}.")
     if aspect_ratio == "match_input_image":

@@ -46,7 +46,7 @@ class Comfyish:
         import transformers  # noqa: F401
 
         torch.set_num_threads(1)
-        from flux2kit.headless import LocalRunner, local_object_info
+        from flux2kit.cli.local_runner import LocalRunner, local_object_info
 
         self.root, self.instant = root, instant
         self.input_dir, self.output_dir = root / "input", root / "output"
@@ -90,7 +90,8 @@ class Comfyish:
 
     def validate(self, prompt: dict) -> dict:
         """ComfyUI-style node_errors, from the node schemas (images: in the input folder)."""
-        from flux2kit.headless import LOADERS, check_workflow, is_image_input
+        from flux2kit.cli.local_runner import LOADERS
+        from flux2kit.cli.workflow.schema import check_workflow, is_image_input
 
         errors: dict[str, dict] = {}
 
@@ -363,7 +364,7 @@ class TestServer:
 
 def start_servers(n: int, root: Path, models: Path, instant: bool = False) -> list[TestServer]:
     """``n`` servers started in parallel (each has its own root folder); the demo models built first."""
-    from flux2kit.pipelines.tiny import build_demo_models
+    from flux2kit.pipelines.demo_models import build_demo_models
 
     build_demo_models(str(models))
     servers = [TestServer(Path(root) / f"server{i + 1}", models, instant).start() for i in range(n)]

@@ -320,8 +320,8 @@ def build_models(models: Path) -> dict[str, str]:
     import torch
     from safetensors.torch import save_file
 
-    from flux2kit.pipelines.tiny import DEMO_FILES, build_demo_models
-    from flux2kit.pipelines.tiny.vae import build_tiny_vae, save_vae_ldm, tiny_vae_config
+    from flux2kit.pipelines.demo_models import DEMO_FILES, build_demo_models
+    from flux2kit.pipelines.demo_models.vae import build_tiny_vae, save_vae_ldm, tiny_vae_config
 
     build_demo_models(str(models))
     comfy_vae = models / COMFY_VAE

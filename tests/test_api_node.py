@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flux2kit.pipelines.api_client import RetryPolicy
+from flux2kit.pipelines.hosted.jobs import RetryPolicy
 from flux2kit.pipelines.errors import Flux2KitError
 
 from api_server import ApiServer, seed_of_color
@@ -98,7 +98,7 @@ def test_shared_inputs_match_generate(nodes):
     for name in SHARED:
         assert name in api, name
         if name in ("num_inference_steps", "guidance"):
-            assert gen[name][:5] == api[name][:5], name  # same range; the default differs (PARAMETERS.md)
+            assert gen[name][:5] == api[name][:5], name  # same range; the default differs (docs/parameters.md)
         else:
             assert gen[name] == api[name], name
     assert api["num_inference_steps"][5] == 30 and api["guidance"][5] == 2.0
@@ -258,7 +258,9 @@ def test_api_workflow_defaults():
 
 def test_headless_runs_the_api_workflow_against_the_local_server(comfy, server, monkeypatch, tmp_path, caplog):
     """`flux2kit run` in-process: FLUX2KIT_BFL_BASE_URL points the workflow at the local server."""
-    from flux2kit import headless
+    from flux2kit.cli.local_runner import LocalRunner
+    from flux2kit.cli.workflow.files import load_workflow
+    from flux2kit.cli.workflow.overrides import apply_overrides
     from flux2kit.nodes import api
 
     monkeypatch.setattr(api, "POLICY", FAST)
@@ -271,10 +273,10 @@ def test_headless_runs_the_api_workflow_against_the_local_server(comfy, server, 
         Image.new("RGB", size, (50 * i, 100, 150)).save(p)
         paths.append(str(p))
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "api")
-    wf = headless.apply_overrides(headless.load_workflow(os.path.join(root, "api_two_references.json")), images=paths,
+    wf = apply_overrides(load_workflow(os.path.join(root, "api_two_references.json")), images=paths,
                                   seed=11)
     lines = []
-    runner = headless.LocalRunner(str(tmp_path / "models"), str(tmp_path / "out"), input_dir=str(tmp_path), log=lines.append)
+    runner = LocalRunner(str(tmp_path / "models"), str(tmp_path / "out"), input_dir=str(tmp_path), log=lines.append)
     saved = runner.run(wf)
     assert len(saved) == 1 and os.path.isfile(saved[0])
     body = json.loads(server.submissions()[0]["body"])

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from flux2kit.pipelines.errors import Flux2KitError
-from flux2kit.pipelines.generate import generate
-from flux2kit.pipelines.text_encoder import load_text_encoder
-from flux2kit.pipelines.transformer import load_transformer
-from flux2kit.pipelines.vae import load_vae
+from flux2kit.pipelines.generation.generate import generate
+from flux2kit.pipelines.models.text_encoder import load_text_encoder
+from flux2kit.pipelines.models.transformer import load_transformer
+from flux2kit.pipelines.models.vae import load_vae
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def _run(parts, **kw):
 
 
 def test_text_encoder_that_does_not_fit_the_transformer(parts, tmp_path):
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3, save_tiny_mistral3
 
     model, tok = build_tiny_mistral3(hidden_size=64)
     narrow = load_text_encoder(save_tiny_mistral3(model, tok, str(tmp_path / "te"), layout="flat"))
@@ -85,7 +85,7 @@ def test_grayscale_and_rgba_references_are_converted(parts):
 
 
 def test_transparent_pixels_become_white():
-    from flux2kit.pipelines.references import prepare_reference
+    from flux2kit.pipelines.generation.references import prepare_reference
 
     clear = PIL.Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     assert torch.equal(prepare_reference(clear), torch.ones(1, 3, 64, 64))

@@ -104,8 +104,8 @@ def png(path, size=(32, 32), seed=0):
 # -- the pieces --------------------------------------------------------------------------------------
 
 def test_sweeps_keys_and_the_problem_report(tmp_path):
-    from flux2kit.batch import _job_name, _targets, parse_sweep, problem_report, read_rows
-    from flux2kit.headless import load_workflow
+    from flux2kit.cli.batch.inputs import job_name as _job_name, targets_of as _targets, parse_sweep, problem_report, read_rows
+    from flux2kit.cli.workflow.files import load_workflow
 
     assert parse_sweep("seed=1..5") == ("seed", [1, 2, 3, 4, 5])
     assert parse_sweep("6.seed=0..20:10") == ("6.seed", [0, 10, 20])
@@ -136,8 +136,9 @@ def test_sweeps_keys_and_the_problem_report(tmp_path):
 
 
 def test_ui_workflows_convert_to_their_api_twins_with_the_servers_object_info(servers):
-    from flux2kit.batch import object_info_of
-    from flux2kit.headless import read_workflow, ui_to_api
+    from flux2kit.cli.batch import object_info_of
+    from flux2kit.cli.workflow.files import read_workflow
+    from flux2kit.cli.workflow.convert import ui_to_api
 
     info = object_info_of(servers[0].url)
     for name in ("text_to_image", "three_reference_edit", "generate_three_reference_edit"):
@@ -368,8 +369,12 @@ def test_a_stop_between_the_record_and_the_post_never_duplicates(servers, tmp_pa
     """Jobs left "submitting": one whose POST reached the server (same prompt id) and one whose never did."""
     import uuid
 
-    from flux2kit.batch import Batch, Plan, object_info_of
-    from flux2kit.headless import load_workflow
+    from flux2kit.cli.batch.dispatch import Batch
+
+    from flux2kit.cli.batch.inputs import Plan
+
+    from flux2kit.cli.batch import object_info_of
+    from flux2kit.cli.workflow.files import load_workflow
 
     server = servers[0]
     plan = Plan(load_workflow(os.path.join(API, "text_to_image.json")), None, [("seed", [71, 72, 73])],
@@ -390,11 +395,10 @@ def test_a_stop_between_the_record_and_the_post_never_duplicates(servers, tmp_pa
         bid = json.loads(db.execute("SELECT value FROM meta WHERE key = 'batch_id'").fetchone()[0])
     db.close()
     # ... and the POST of job 1 got there just before the kill
-    from flux2kit.batch import Server
+    from flux2kit.cli.comfy_client import ComfyClient
 
-    Server(server.url, 0, None).json("POST", "/prompt", {
-        "prompt": jobs[0]["workflow"], "prompt_id": reached,
-        "extra_data": {"flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}}})
+    ComfyClient(server.url).queue_prompt(jobs[0]["workflow"], prompt_id=reached, extra_data={
+        "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}})
     messages = []
     summary = Batch(jobs, out, [server.url], log=messages.append).run()
     assert summary["done"] == 3 and summary["failed"] == 0
@@ -412,8 +416,12 @@ def test_a_job_lost_more_often_than_retries_allow_fails_with_the_reason(servers,
     """A job the server accepted and then no longer knows (a restart) counts as lost; --retries 0: failed."""
     import uuid
 
-    from flux2kit.batch import Batch, Plan, object_info_of
-    from flux2kit.headless import load_workflow
+    from flux2kit.cli.batch.dispatch import Batch
+
+    from flux2kit.cli.batch.inputs import Plan
+
+    from flux2kit.cli.batch import object_info_of
+    from flux2kit.cli.workflow.files import load_workflow
 
     server = servers[0]
     plan = Plan(load_workflow(os.path.join(API, "text_to_image.json")), None, [("seed", [81, 82])],
@@ -448,8 +456,14 @@ def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(server
     """A POST that timed out here (the server slow) may still be queued there: the id is looked for a while."""
     import uuid
 
-    from flux2kit.batch import Batch, Plan, Server, object_info_of
-    from flux2kit.headless import load_workflow
+    from flux2kit.cli.batch.dispatch import Batch
+
+    from flux2kit.cli.batch.inputs import Plan
+
+
+    from flux2kit.cli.batch import object_info_of
+    from flux2kit.cli.comfy_client import ComfyClient
+    from flux2kit.cli.workflow.files import load_workflow
 
     server = servers[1]
     plan = Plan(load_workflow(os.path.join(API, "text_to_image.json")), None, [("seed", [91])],
@@ -469,9 +483,8 @@ def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(server
 
     def arrive():
         time.sleep(1.5)
-        Server(server.url, 0, None).json("POST", "/prompt", {
-            "prompt": jobs[0]["workflow"], "prompt_id": late,
-            "extra_data": {"flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}}})
+        ComfyClient(server.url).queue_prompt(jobs[0]["workflow"], prompt_id=late, extra_data={
+            "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}})
 
     thread = threading.Thread(target=arrive)
     thread.start()
@@ -484,9 +497,11 @@ def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(server
 
 def test_an_image_the_server_cannot_give_is_retried_then_failed_not_asked_for_forever(servers, tmp_path,
                                                                                        monkeypatch):
-    from flux2kit.batch import Batch, Plan, object_info_of
-    from flux2kit.batch import servers as batch_servers
-    from flux2kit.headless import load_workflow
+    from flux2kit.cli.batch.dispatch import Batch
+    from flux2kit.cli.batch.inputs import Plan
+    from flux2kit.cli.batch import object_info_of
+    from flux2kit.cli import comfy_client
+    from flux2kit.cli.workflow.files import load_workflow
 
     server = servers[0]
     plan = Plan(load_workflow(os.path.join(API, "text_to_image.json")), None, [("seed", [95])],
@@ -494,9 +509,9 @@ def test_an_image_the_server_cannot_give_is_retried_then_failed_not_asked_for_fo
     jobs, _ = plan.jobs(object_info_of(server.url))
 
     def view(self, item):
-        raise batch_servers.Refused(404, b'{"error": "not found"}')
+        raise comfy_client.Refused(404, b'{"error": "not found"}')
 
-    monkeypatch.setattr(batch_servers.Server, "view", view)
+    monkeypatch.setattr(comfy_client.ComfyClient, "view", view)
     result = {}
     thread = threading.Thread(target=lambda: result.update(summary=Batch(
         jobs, tmp_path / "out", [server.url], retries=1, log=lambda m: None).run()), daemon=True)
@@ -510,8 +525,9 @@ def test_an_image_the_server_cannot_give_is_retried_then_failed_not_asked_for_fo
 
 
 def test_two_commands_on_one_folder_and_bad_options_are_refused(tmp_path):
-    from flux2kit.batch import Manifest, read_rows
-    from flux2kit.headless import check_value
+    from flux2kit.cli.batch.manifest import Manifest
+    from flux2kit.cli.batch.inputs import read_rows
+    from flux2kit.cli.workflow.schema import check_value
 
     first = Manifest(str(tmp_path / "out"))
     with pytest.raises(Flux2KitError, match="Another flux2kit batch command is using"):
@@ -529,7 +545,9 @@ def test_two_commands_on_one_folder_and_bad_options_are_refused(tmp_path):
 
 
 def test_a_reference_image_gone_before_its_upload_fails_the_job_not_the_server(servers, tmp_path):
-    from flux2kit.batch import Batch, Plan, object_info_of
+    from flux2kit.cli.batch.dispatch import Batch
+    from flux2kit.cli.batch.inputs import Plan
+    from flux2kit.cli.batch import object_info_of
 
     server = servers[0]
     refs = [png(tmp_path / f"ref{i}.png", seed=i) for i in range(3)]
@@ -550,6 +568,6 @@ def test_a_reference_image_gone_before_its_upload_fails_the_job_not_the_server(s
 
 
 def load_api(name):
-    from flux2kit.headless import load_workflow
+    from flux2kit.cli.workflow.files import load_workflow
 
     return load_workflow(os.path.join(API, f"{name}.json"))

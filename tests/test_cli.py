@@ -10,7 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from flux2kit import cli
+from flux2kit.cli import arguments, terminal
+from flux2kit.pipelines.demo_models import DEMO_PROMPT
 from flux2kit.cli import main
 
 
@@ -36,7 +37,7 @@ def demo(tmp_path_factory):
 
 
 def demo_paths(models):
-    from flux2kit.pipelines.tiny import build_demo_models
+    from flux2kit.pipelines.demo_models import build_demo_models
 
     return build_demo_models(str(models))
 
@@ -53,7 +54,7 @@ def test_demo_builds_models_and_saves_a_png_with_its_parameters(demo):
     size, pixels, params = png_parameters(path)
     assert size == (256, 256)
     assert pixels.std() > 5  # an image, not a constant
-    assert params["prompt"] == cli.DEMO_PROMPT and params["seed"] == 0 and params["num_inference_steps"] == 2
+    assert params["prompt"] == DEMO_PROMPT and params["seed"] == 0 and params["num_inference_steps"] == 2
     assert "step 2/2" in demo["stderr"]
     with open(os.path.join(demo["models"], "README.txt"), encoding="utf-8") as f:
         assert "RANDOM weights" in f.read()
@@ -114,14 +115,14 @@ def test_errors_print_the_message_and_exit_2(demo, tmp_path, extra, message):
 
 
 def test_ctrl_c_cancels_before_the_next_step(demo, tmp_path, monkeypatch):
-    show = cli._Progress.__call__
+    show = terminal.Progress.__call__
 
     def press_ctrl_c_after_step_1(self, step, total, latents=None):
         show(self, step, total, latents)
         if step == 1:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(cli._Progress, "__call__", press_ctrl_c_after_step_1)
+    monkeypatch.setattr(terminal.Progress, "__call__", press_ctrl_c_after_step_1)
     handler = signal.getsignal(signal.SIGINT)
     code, stdout, stderr = run("demo", "--models", demo["models"], "--out", tmp_path, "--steps", 3, "--size", "64x64")
     assert code == 130
@@ -131,8 +132,9 @@ def test_ctrl_c_cancels_before_the_next_step(demo, tmp_path, monkeypatch):
 
 
 def test_argument_parsing():
-    assert cli._resolution("1MP") == "1 MP" and cli._resolution("0.5") == "0.5 MP" and cli._resolution("2 mp") == "2 MP"
-    assert cli._size("1024x768") == (1024, 768)
+    assert arguments.parse_resolution("1MP") == "1 MP" and arguments.parse_resolution("0.5") == "0.5 MP"
+    assert arguments.parse_resolution("2 mp") == "2 MP"
+    assert arguments.parse_size("1024x768") == (1024, 768)
     with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()):
         main(["demo", "--size", "big"])
     assert e.value.code == 2

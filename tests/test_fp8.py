@@ -12,18 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flux2kit.pipelines import fp8
 from flux2kit.pipelines.errors import Flux2KitError, UnsupportedFormatError
-from flux2kit.pipelines.fp8 import (
-    FP8_DTYPES,
-    FP8Linear,
-    dequantize_weight,
-    fp8_linears,
-    fp8_max,
-    quantize_weight,
-    scaled_mm_supported,
-    set_fp8_matmul,
-)
+from flux2kit.pipelines.files.fp8 import FP8_DTYPES, dequantize_weight, fp8_max, quantize_weight
+from flux2kit.pipelines.models import fp8_linear as fp8
+from flux2kit.pipelines.models.fp8_linear import FP8Linear, fp8_linears, scaled_mm_supported, set_fp8_matmul
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # (unit roundoff, half the subnormal spacing) in scaled units

@@ -22,7 +22,7 @@ PROMPT = "a lighthouse on a cliff at dusk, the sign reads FLUX.2"
 
 
 def workflow(stem):
-    from flux2kit.headless import load_workflow
+    from flux2kit.cli.workflow.files import load_workflow
 
     return load_workflow(os.path.join(API, f"{stem}.json"))
 
@@ -54,7 +54,7 @@ def folders(comfy, tmp_path_factory):
 @pytest.fixture(scope="module")
 def runner(folders):
     """One runner for the module: like ComfyUI, it reuses unchanged nodes' outputs (the loaded models)."""
-    from flux2kit.headless import LocalRunner
+    from flux2kit.cli.local_runner import LocalRunner
 
     messages = []
     r = LocalRunner(folders["models"], folders["out"], input_dir=folders["input"], demo=True, log=messages.append)
@@ -65,7 +65,7 @@ def runner(folders):
 @pytest.fixture(scope="module")
 def text_to_image(runner):
     """Seed 5, then 6, then 5 again, on the Sampler workflow: [(path, cached node ids)]."""
-    from flux2kit.headless import apply_overrides
+    from flux2kit.cli.workflow.overrides import apply_overrides
 
     runs = []
     for seed in (5, 6, 5):
@@ -96,7 +96,7 @@ def test_seed_changes_the_image_and_the_same_seed_repeats_it(text_to_image):
 
 
 def test_generate_workflow_makes_the_sampler_workflows_image(text_to_image, runner):
-    from flux2kit.headless import apply_overrides
+    from flux2kit.cli.workflow.overrides import apply_overrides
 
     (a, _), _, _ = text_to_image
     paths = runner.run(apply_overrides(workflow("generate_text_to_image"), prompt=PROMPT, seed=5, **FAST))
@@ -104,7 +104,7 @@ def test_generate_workflow_makes_the_sampler_workflows_image(text_to_image, runn
 
 
 def test_three_reference_edit_from_the_input_folder_and_paths(runner, folders):
-    from flux2kit.headless import apply_overrides
+    from flux2kit.cli.workflow.overrides import apply_overrides
 
     wf = workflow("three_reference_edit")
     wf["5"]["inputs"]["image"] = "ref_1.png"  # a name in the input folder, as ComfyUI's LoadImage takes it
@@ -156,7 +156,8 @@ def test_bad_workflows_are_refused_before_anything_runs(runner, change, message)
 
 
 def test_a_size_over_4_mp_is_the_nodes_error(runner):
-    from flux2kit.headless import NodeError, apply_overrides
+    from flux2kit.cli.workflow.graph import NodeError
+    from flux2kit.cli.workflow.overrides import apply_overrides
 
     wf = apply_overrides(workflow("text_to_image"), size=(4096, 2048))
     with pytest.raises(NodeError, match=r"node #5 \(Flux2KitSampler\): Size 4096x2048 is not valid.*over the 4 MP "
@@ -167,7 +168,7 @@ def test_a_size_over_4_mp_is_the_nodes_error(runner):
 
 def test_a_missing_model_names_the_loader(comfy, tmp_path):
     """Not on the demo models: no mapping, the loader's own message with the node."""
-    from flux2kit.headless import LocalRunner
+    from flux2kit.cli.local_runner import LocalRunner
 
     (tmp_path / "models" / "diffusion_models").mkdir(parents=True)
     r = LocalRunner(str(tmp_path / "models"), str(tmp_path / "out"), log=lambda m: None)
@@ -183,7 +184,8 @@ def test_a_missing_input_image_says_where_to_put_it(runner, folders):
 
 
 def test_overrides_are_checked():
-    from flux2kit.headless import apply_overrides, load_workflow
+    from flux2kit.cli.workflow.overrides import apply_overrides
+    from flux2kit.cli.workflow.files import load_workflow
 
     wf = workflow("text_to_image")
     out = apply_overrides(wf, settings=["5.guidance=2.5", "FLUX.2 Save Image (flux2kit).output_format=webp",
@@ -361,7 +363,8 @@ def fake_server():
 
 
 def test_server_run_uploads_queues_follows_and_fetches(fake_server, folders, tmp_path):
-    from flux2kit.headless import ServerRunner, apply_overrides
+    from flux2kit.cli.server_runner import ServerRunner
+    from flux2kit.cli.workflow.overrides import apply_overrides
 
     server = fake_server(RUN_EVENTS)
     messages = []
@@ -385,7 +388,8 @@ def test_server_run_uploads_queues_follows_and_fetches(fake_server, folders, tmp
 
 
 def test_server_errors_name_the_node(fake_server, tmp_path):
-    from flux2kit.headless import NodeError, ServerRunner
+    from flux2kit.cli.workflow.graph import NodeError
+    from flux2kit.cli.server_runner import ServerRunner
 
     server = fake_server(RUN_EVENTS[:4] + [("execution_error", {
         "node_id": "5", "node_type": "Flux2KitSampler",
@@ -407,7 +411,10 @@ def test_server_errors_name_the_node(fake_server, tmp_path):
                                         if f.endswith(".json")))
 def test_every_ui_workflow_converts_to_its_api_twin(stem, runner):
     """ui_to_api on the nodes' own schemas: DynamicCombo children, colour pickers, seeds' control values."""
-    from flux2kit.headless import check_value, local_object_info, read_workflow, ui_to_api
+    from flux2kit.cli.workflow.schema import check_value
+    from flux2kit.cli.local_runner import local_object_info
+    from flux2kit.cli.workflow.files import read_workflow
+    from flux2kit.cli.workflow.convert import ui_to_api
 
     info = local_object_info(runner)
     ui, kind = read_workflow(os.path.join(REPO, "workflows", f"{stem}.json"))

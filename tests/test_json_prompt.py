@@ -5,10 +5,10 @@ import json
 import pytest
 
 from flux2kit.pipelines.errors import Flux2KitError
-from flux2kit.pipelines.json_prompt import (FIELDS, build_prompt, build_subject, build_text_element,
+from flux2kit.pipelines.prompting.json_prompt import (FIELDS, build_prompt, build_subject, build_text_element,
                                             check_reference_mentions, estimate_tokens, image_mentions,
                                             parse_prompt, pretty, to_prompt_string, token_status, validate)
-from flux2kit.pipelines.palette import PaletteColor
+from flux2kit.pipelines.prompting.palette import PaletteColor
 
 
 def _scene():

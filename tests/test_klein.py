@@ -14,20 +14,21 @@ from test_pipeline_parity import _picture  # the same test pictures as the [dev]
 from comfyui_server import comfyui  # noqa: F401  (the real-ComfyUI session fixture; skips without COMFYUI_PATH)
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-from flux2kit.pipelines.checkpoint_formats import detect_variant, inspect_transformer
+from flux2kit.pipelines.files.transformer_checkpoint import detect_variant, inspect_transformer
 from flux2kit.pipelines.errors import Flux2KitError
-from flux2kit.pipelines.generate import check_text_encoder_fits, generate
-from flux2kit.pipelines.text_encoder import load_text_encoder
-from flux2kit.pipelines.tiny.qwen3 import build_tiny_qwen3, save_tiny_qwen3
-from flux2kit.pipelines.tiny.transformer import (
+from flux2kit.pipelines.generation.request import check_text_encoder_fits
+from flux2kit.pipelines.generation.generate import generate
+from flux2kit.pipelines.models.text_encoder import load_text_encoder
+from flux2kit.pipelines.demo_models.qwen3 import build_tiny_qwen3, save_tiny_qwen3
+from flux2kit.pipelines.demo_models.transformer import (
     KLEIN_TEXT_WIDTHS,
     build_tiny_klein,
     fp8_reference,
     save_transformer,
     tiny_transformer_config,
 )
-from flux2kit.pipelines.transformer import load_transformer
-from flux2kit.pipelines.vae import load_vae
+from flux2kit.pipelines.models.transformer import load_transformer
+from flux2kit.pipelines.models.vae import load_vae
 
 
 
@@ -135,7 +136,7 @@ def test_qwen3_with_too_few_layers_says_what_klein_reads(tmp_path):
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(qwen3, tmp_path):
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_tokenizer
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_tokenizer
 
     model, _, _ = qwen3
     save_tiny_qwen3(model, build_tiny_tokenizer(vocab_size=2000), str(tmp_path), layout="model")
@@ -435,7 +436,7 @@ def test_klein_nodes_refuse_the_wrong_encoder(klein_nodes, comfy):
 
 
 def test_klein_defaults_and_reference_warning_follow_parameters_md(caplog):
-    from flux2kit.pipelines.generate import warn_reference_count
+    from flux2kit.pipelines.generation.request import warn_reference_count
     from flux2kit.pipelines.parameters import defaults_for
 
     assert defaults_for("klein", distilled=True)["num_inference_steps"] == 4
@@ -501,7 +502,7 @@ def test_cli_generate_runs_klein_with_its_defaults(mode, klein_files, qwen3, tin
     import PIL.Image
 
     from flux2kit import cli
-    from flux2kit.pipelines.generate import generate
+    from flux2kit.pipelines.generation.generate import generate
     from flux2kit.pipelines.parameters import DEFAULTS
 
     path = klein_files["bfl", None]

@@ -29,7 +29,7 @@ def test_schemas_are_complete(nodes):
 
 
 def test_generate_and_sampler_share_the_parameter_inputs(nodes):
-    """PARAMETERS.md: the same names, ranges and defaults on both (the API node mirrors them too)."""
+    """docs/parameters.md: the same names, ranges and defaults on both (the API node mirrors them too)."""
     def widgets(node_id):
         return {i.id: (type(i).__qualname__, getattr(i, "default", None), getattr(i, "min", None),
                        getattr(i, "max", None), tuple(getattr(i, "options", None) or ()))
@@ -113,7 +113,7 @@ def test_match_input_image_follows_reference_one(nodes, models):
     refs = nodes["Flux2KitReferenceEncode"].execute(vae=vae, images={"image_1": _image(160, 90)}).result[0]
     args = GEN | dict(aspect_ratio="match_input_image", resolution="0.5 MP", width=0, height=0, num_inference_steps=1)
     latent = nodes["Flux2KitSampler"].execute(transformer=t, conditioning=c, references=refs, **args).result[0]
-    # 0.5 MP at 16:9 -> 960x544 by the PARAMETERS.md rule
+    # 0.5 MP at 16:9 -> 960x544 by the docs/parameters.md rule
     assert latent["samples"].shape[-2:] == (544 // 16, 960 // 16)
 
 
@@ -158,8 +158,8 @@ def test_generate_reuses_the_prompt_encoding_when_only_the_seed_changes(nodes, m
 
 
 def test_bad_graph_input_then_the_next_run_works(nodes, models, tmp_path):
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
-    from flux2kit.pipelines.text_encoder import load_text_encoder
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+    from flux2kit.pipelines.models.text_encoder import load_text_encoder
 
     t, te, vae = models
     gen = nodes["Flux2KitGenerate"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flux2kit.pipelines.errors import Flux2KitError
-from flux2kit.pipelines.palette import (CSS_COLORS, MAX_PALETTE_COLORS, PaletteColor, check_palette_size, ciede2000,
+from flux2kit.pipelines.prompting.palette import (CSS_COLORS, MAX_PALETTE_COLORS, PaletteColor, check_palette_size, ciede2000,
                                         dominant_colors, nearest_color_name, parse_color_lines, parse_hex,
                                         prompt_fragment, render_swatches, srgb_to_lab)
 

@@ -1,4 +1,4 @@
-"""Sizes, ranges, seeds and the schedule, against PARAMETERS.md and diffusers' own code."""
+"""Sizes, ranges, seeds and the schedule, against docs/parameters.md and diffusers' own code."""
 
 import math
 
@@ -19,7 +19,7 @@ from flux2kit.pipelines.parameters import (
     resolve_size,
     size_from_aspect,
 )
-from flux2kit.pipelines.sampling import compute_empirical_mu, get_schedule
+from flux2kit.pipelines.generation.sampling import compute_empirical_mu, get_schedule
 
 
 @pytest.mark.parametrize("ratio,res,expected", [
@@ -113,7 +113,7 @@ def test_schedule_matches_diffusers_scheduler(seq_len, steps):
 
 
 def test_schedule_at_1mp_50_steps():
-    """FLUX2_FACTS: 1024x1024, 50 steps -> mu about 2.02 (ComfyUI's Flux2 default shift)."""
+    """docs/checkpoints.md: 1024x1024, 50 steps -> mu about 2.02 (ComfyUI's Flux2 default shift)."""
     assert compute_empirical_mu(4096, 50) == pytest.approx(2.02, abs=0.01)
     s = get_schedule(50, 4096)
     assert s[0] == 1.0 and s[-1] == 0.0 and bool((s[:-1] > s[1:]).all())

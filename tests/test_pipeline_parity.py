@@ -7,11 +7,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 from transformers import Mistral3ForConditionalGeneration
 
-from flux2kit.pipelines.generate import generate
-from flux2kit.pipelines.text_encoder import load_text_encoder
-from flux2kit.pipelines.tiny.transformer import fp8_reference
-from flux2kit.pipelines.transformer import load_transformer
-from flux2kit.pipelines.vae import load_vae
+from flux2kit.pipelines.generation.generate import generate
+from flux2kit.pipelines.models.text_encoder import load_text_encoder
+from flux2kit.pipelines.demo_models.transformer import fp8_reference
+from flux2kit.pipelines.models.transformer import load_transformer
+from flux2kit.pipelines.models.vae import load_vae
 
 # fp32 on both sides; the only differences are summation order (our fused q|k|v matmul) and
 # the reference images' float->uint8 round trip, which is exact for uint8 inputs.
@@ -95,7 +95,7 @@ def test_batch_item_i_equals_a_single_run_with_seed_plus_i(ours_components):
 
 
 def test_progress_callback_and_cancel(ours_components):
-    from flux2kit.pipelines.sampling import Cancelled
+    from flux2kit.pipelines.generation.sampling import Cancelled
 
     c = ours_components
     seen = []

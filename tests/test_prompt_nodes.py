@@ -206,7 +206,11 @@ def test_json_prompt_palette_workflow_runs_headless(comfy, tmp_path):
 
     import PIL.Image
 
-    from flux2kit.headless import LocalRunner, apply_overrides, load_workflow
+    from flux2kit.cli.local_runner import LocalRunner
+
+    from flux2kit.cli.workflow.overrides import apply_overrides
+
+    from flux2kit.cli.workflow.files import load_workflow
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "api",
                         "json_prompt_palette.json")

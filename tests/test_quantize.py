@@ -14,19 +14,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flux2kit.pipelines.errors import Flux2KitError
-from flux2kit.pipelines.fp8 import FP8Linear, dequantize_weight, fp8_linears, quantize_weight
-from flux2kit.pipelines.quantize import (
+from flux2kit.pipelines.models.fp8_linear import FP8Linear, fp8_linears
+from flux2kit.pipelines.files.fp8 import dequantize_weight, quantize_weight
+from flux2kit.pipelines.files.quantize import (
     COMFY_TRANSFORMER_PREFIX,
     is_quantizable_text_encoder_layer,
     quantize_tensor,
     save_fp8_transformer,
     write_safetensors,
 )
-from flux2kit.pipelines.safetensors_io import read_header
-from flux2kit.pipelines.sampling import latent_ids, text_ids
-from flux2kit.pipelines.text_encoder import load_text_encoder
-from flux2kit.pipelines.text_encoder_files import StateDictFiles, save_text_encoder_file
-from flux2kit.pipelines.transformer import load_transformer
+from flux2kit.pipelines.files.safetensors import read_header
+from flux2kit.pipelines.generation.sampling import latent_ids, text_ids
+from flux2kit.pipelines.models.text_encoder import load_text_encoder
+from flux2kit.pipelines.files.safetensors import StateDictFiles
+from flux2kit.pipelines.files.quantize import save_text_encoder_file
+from flux2kit.pipelines.models.transformer import load_transformer
 
 FP8 = torch.float8_e4m3fn
 
@@ -88,7 +90,7 @@ def test_quantized_weights_are_the_per_tensor_quantization_of_the_bf16_ones(tiny
 
 
 def test_quantized_model_is_close_to_bf16_on_a_shallow_model(transformer_files):
-    # FP8 vs bf16 only on a shallow model: random deep models amplify the rounding (FLUX2_FACTS).
+    # FP8 vs bf16 only on a shallow model: random deep models amplify the rounding (docs/checkpoints.md).
     bf16 = forward(load_transformer(transformer_files["bfl"], device="cpu"))
     fp8 = forward(load_transformer(transformer_files["bfl"], device="cpu", weights="quantize"))
     assert ((fp8 - bf16).norm() / bf16.norm()).item() < 0.01  # measured 0.096%
@@ -96,7 +98,7 @@ def test_quantized_model_is_close_to_bf16_on_a_shallow_model(transformer_files):
 
 @pytest.mark.parametrize("layout", ["diffusers", "bfl"])
 def test_klein_distilled_flag_goes_into_the_fp8_file(layout, tmp_path):
-    from flux2kit.pipelines.tiny.transformer import build_tiny_klein, save_transformer
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_klein, save_transformer
 
     src = save_transformer(build_tiny_klein(seed=4), str(tmp_path / ("src" if layout == "diffusers" else "src.safetensors")),
                            layout, is_distilled=False)
@@ -166,7 +168,7 @@ def test_comfyui_unet_loader_reads_the_header_entry_without_stray_keys(saved):
 
 
 def test_header_entry_alone_marks_the_fp8_layers_for_our_loader(saved, tmp_path):
-    from flux2kit.pipelines.checkpoint_formats import inspect_transformer
+    from flux2kit.pipelines.files.transformer_checkpoint import inspect_transformer
 
     state = {k: v for k, v in load_file(saved["bfl"]).items() if not k.endswith(".comfy_quant")}
     bare = tmp_path / "header_only.safetensors"
@@ -238,7 +240,7 @@ def test_per_row_scales_only_pay_off_for_extreme_outlier_rows():
 
 @pytest.fixture(scope="module")
 def mistral_hf(tmp_path_factory):
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3, save_tiny_mistral3
 
     model, tok = build_tiny_mistral3(seed=3)
     folder = str(tmp_path_factory.mktemp("mistral_hf"))
@@ -307,9 +309,9 @@ def test_streaming_writer_reports_an_unwritable_place_as_a_user_error(tmp_path):
 @pytest.fixture
 def comfy_files(comfy, tiny_transformer):
     """A bf16 transformer and an FP8 single-file text encoder in the stand-in's models folders (removed after)."""
-    from flux2kit.pipelines.tiny.comfy_text_encoders import save_tiny_mistral3_comfy
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3
-    from flux2kit.pipelines.tiny.transformer import save_transformer
+    from flux2kit.pipelines.demo_models.comfy_text_encoders import save_tiny_mistral3_comfy
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3
+    from flux2kit.pipelines.demo_models.transformer import save_transformer
 
     models = comfy / "models"
     bf16 = models / "diffusion_models" / "tiny_bf16.safetensors"
@@ -369,7 +371,7 @@ def test_text_encoder_loader_lists_and_loads_single_files(comfy_files):
 def test_quantize_command(transformer_files, mistral_hf, tmp_path, capsys):
     import argparse
 
-    from flux2kit.quantize_cli import add_quantize_arguments, quantize_command
+    from flux2kit.cli.quantize import add_quantize_arguments, quantize_command
 
     parser = argparse.ArgumentParser()
     add_quantize_arguments(parser)

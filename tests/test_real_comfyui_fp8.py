@@ -72,18 +72,18 @@ def run_probe(tmp_path, task: str, **args) -> dict:
 
 @pytest.fixture(scope="module")
 def bf16_transformer(tmp_path_factory):
-    from flux2kit.pipelines.tiny.transformer import build_tiny_transformer, save_transformer
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer, save_transformer
 
-    # head_dim 128: ComfyUI infers the head count as width / 128 (FLUX2_FACTS.md)
+    # head_dim 128: ComfyUI infers the head count as width / 128 (docs/checkpoints.md)
     root = tmp_path_factory.mktemp("real_fp8")
     return save_transformer(build_tiny_transformer(seed=5), str(root / "bf16.safetensors"), "bfl")
 
 
 @pytest.mark.parametrize("header_metadata", [True, False], ids=["comfy_quant+header", "comfy_quant-only"])
 def test_comfyui_loads_our_fp8_transformer_with_the_same_output(bf16_transformer, tmp_path, header_metadata):
-    from flux2kit.pipelines.quantize import save_fp8_transformer
-    from flux2kit.pipelines.sampling import latent_ids, pack, text_ids, unpack
-    from flux2kit.pipelines.transformer import load_transformer
+    from flux2kit.pipelines.files.quantize import save_fp8_transformer
+    from flux2kit.pipelines.generation.sampling import latent_ids, pack, text_ids, unpack
+    from flux2kit.pipelines.models.transformer import load_transformer
 
     fp8 = save_fp8_transformer(bf16_transformer, tmp_path / "flux2_tiny_fp8mixed.safetensors",
                                header_metadata=header_metadata)
@@ -114,8 +114,8 @@ def test_comfyui_qwen_tokenizer_gives_comfyuis_klein_tokens(tmp_path):
     """A Qwen3 single file with ComfyUI's shipped tokenizer folder tokenizes exactly as ComfyUI's KleinTokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from flux2kit.pipelines.text_encoder_files import load_text_encoder_file
-    from flux2kit.pipelines.tiny.comfy_text_encoders import save_tiny_qwen3_comfy
+    from flux2kit.pipelines.models.text_encoder import load_text_encoder as load_text_encoder_file
+    from flux2kit.pipelines.demo_models.comfy_text_encoders import save_tiny_qwen3_comfy
 
     folder = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
     if not (folder / "vocab.json").exists():
@@ -126,7 +126,7 @@ def test_comfyui_qwen_tokenizer_gives_comfyuis_klein_tokens(tmp_path):
     save_tiny_qwen3_comfy(Qwen3ForCausalLM(config).eval(), str(tmp_path / "qwen_3_4b.safetensors"))
     enc = load_text_encoder_file(tmp_path / "qwen_3_4b.safetensors", tokenizer=str(folder))
     prompt = "A red fox sitting in a snowy forest, café, 1234"
-    from flux2kit.pipelines.text_encoder import qwen3_chat_texts
+    from flux2kit.pipelines.models.text_encoder import qwen3_chat_texts
 
     ours = enc.tokenizer(qwen3_chat_texts(enc.tokenizer, [prompt]))["input_ids"][0]
     theirs = run_probe(tmp_path, "klein_tokens", prompt=prompt)["ids"]
@@ -192,8 +192,8 @@ def test_klein_workflow_with_qwen3_single_file_uses_comfyuis_tokenizer(comfyui):
     [klein] transformer quantized on load generates with it: the whole text-to-image workflow runs."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from flux2kit.pipelines.tiny.comfy_text_encoders import save_tiny_qwen3_comfy
-    from flux2kit.pipelines.tiny.transformer import KLEIN_TEXT_WIDTHS, build_tiny_klein, save_transformer
+    from flux2kit.pipelines.demo_models.comfy_text_encoders import save_tiny_qwen3_comfy
+    from flux2kit.pipelines.demo_models.transformer import KLEIN_TEXT_WIDTHS, build_tiny_klein, save_transformer
 
     if not (comfyui.comfyui / "comfy" / "text_encoders" / "qwen25_tokenizer" / "vocab.json").exists():
         pytest.skip("this ComfyUI checkout lacks comfy/text_encoders/qwen25_tokenizer")

@@ -22,10 +22,10 @@ from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as DIFFUSER
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
 
-from flux2kit.pipelines import safetensors_io
+from flux2kit.pipelines.files import safetensors as safetensors_io
 from flux2kit.pipelines.errors import Flux2KitError, UnsupportedFormatError
-from flux2kit.pipelines.text_encoder import SYSTEM_MESSAGE, Flux2TextEncoder, PromptEmbeds, load_text_encoder
-from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+from flux2kit.pipelines.models.text_encoder import SYSTEM_MESSAGE, Flux2TextEncoder, PromptEmbeds, load_text_encoder
+from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3, save_tiny_mistral3
 
 # fp32 on both sides from the same bf16-rounded weights; batching changes matmul blocking only.
 ATOL = 1e-5

@@ -15,19 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux2kit.pipelines.errors import Flux2KitError
-from flux2kit.pipelines.fp8 import dequantize_weight, fp8_linears
-from flux2kit.pipelines.quantize import quantize_tensor
-from flux2kit.pipelines.safetensors_io import read_header
-from flux2kit.pipelines.text_encoder import load_text_encoder
-from flux2kit.pipelines.text_encoder_files import (
-    TEKKEN_KEY,
-    inspect_text_encoder_file,
-    load_text_encoder_file,
-    save_text_encoder_file,
-    tekken_from_tokenizer,
-    tokenizer_from_tekken,
-)
-from flux2kit.pipelines.tiny.comfy_text_encoders import save_tiny_mistral3_comfy, save_tiny_qwen3_comfy
+from flux2kit.pipelines.files.fp8 import dequantize_weight
+from flux2kit.pipelines.models.fp8_linear import fp8_linears
+from flux2kit.pipelines.files.quantize import quantize_tensor
+from flux2kit.pipelines.files.safetensors import read_header
+from flux2kit.pipelines.models.text_encoder import load_text_encoder
+from flux2kit.pipelines.files.quantize import save_text_encoder_file
+from flux2kit.pipelines.files.text_encoder_checkpoint import TEKKEN_KEY, inspect_text_encoder_file
+from flux2kit.pipelines.files.tokenizers import tekken_from_tokenizer, tokenizer_from_tekken
+from flux2kit.pipelines.demo_models.comfy_text_encoders import save_tiny_mistral3_comfy, save_tiny_qwen3_comfy
 
 PROMPTS = ["A red fox sitting in a snowy forest at dawn", "café 123 — it's 🦊 #02eb3c"]
 
@@ -47,7 +43,7 @@ def dequantized_copy(hf_encoder):
 
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory):
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_mistral3, save_tiny_mistral3
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3, save_tiny_mistral3
 
     model, tok = build_tiny_mistral3(seed=1)
     root = tmp_path_factory.mktemp("mistral_files")
@@ -78,7 +74,7 @@ def test_mistral_file_has_comfyui_names_and_the_tokenizer_inside(mistral):
 
 @pytest.mark.parametrize("name", ["bf16", "pruned"])
 def test_mistral_bf16_file_gives_the_hf_embeddings(name, mistral, mistral_ref):
-    enc = load_text_encoder_file(mistral[2][name])
+    enc = load_text_encoder(mistral[2][name])
     assert enc.family == "mistral" and enc.hidden_layers == (10, 20, 30)
     assert torch.equal(enc.encode(PROMPTS).embeds, mistral_ref[1])
 
@@ -88,7 +84,7 @@ def test_the_generic_loader_dispatches_single_files(mistral, mistral_ref):
 
 
 def test_mistral_fp8_file_gives_the_dequantized_embeddings(mistral, mistral_ref):
-    enc = load_text_encoder_file(mistral[2]["fp8"])
+    enc = load_text_encoder(mistral[2]["fp8"])
     layers = fp8_linears(enc.model)
     assert len(layers) == 7 * 30 and all(l.weight.dtype == torch.float8_e4m3fn for l in layers)
     expected = dequantized_copy(mistral_ref[0]).encode(PROMPTS).embeds
@@ -98,15 +94,15 @@ def test_mistral_fp8_file_gives_the_dequantized_embeddings(mistral, mistral_ref)
 
 
 def test_fp8_file_dequantized_on_load(mistral):
-    stored = load_text_encoder_file(mistral[2]["fp8"])
-    dense = load_text_encoder_file(mistral[2]["fp8"], weights="dequantize")
+    stored = load_text_encoder(mistral[2]["fp8"])
+    dense = load_text_encoder(mistral[2]["fp8"], weights="dequantize")
     assert fp8_linears(dense.model) == []
     torch.testing.assert_close(dense.encode(PROMPTS).embeds, stored.encode(PROMPTS).embeds, rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_on_load_of_a_bf16_file_equals_the_fp8_file(mistral):
-    a = load_text_encoder_file(mistral[2]["bf16"], weights="quantize")
-    b = load_text_encoder_file(mistral[2]["fp8"])
+    a = load_text_encoder(mistral[2]["bf16"], weights="quantize")
+    b = load_text_encoder(mistral[2]["fp8"])
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -127,7 +123,7 @@ def test_inspect_reads_config_and_quantization(mistral):
 # --- the tekken tokenizer ---------------------------------------------------------------------------
 
 def test_tekken_tokenizer_gives_the_hf_token_ids(mistral):
-    from flux2kit.pipelines.tiny.text_encoder import _CORPUS
+    from flux2kit.pipelines.demo_models.text_encoder import CORPUS as _CORPUS
 
     _, tok, paths = mistral
     tekken = tokenizer_from_tekken(load_file(paths["bf16"])[TEKKEN_KEY])
@@ -169,27 +165,27 @@ def test_damaged_tekken_is_reported(mistral, tmp_path):
     path = tmp_path / "damaged.safetensors"
     save_file(sd, path, metadata=read_header(mistral[2]["bf16"]).metadata)
     with pytest.raises(Flux2KitError, match="tekken.*damaged"):
-        load_text_encoder_file(path)
+        load_text_encoder(path)
 
 
 def test_mistral_file_without_tekken_asks_for_a_tokenizer_folder(mistral, mistral_ref):
     with pytest.raises(Flux2KitError, match=r"single file.*no tokenizer.*tokenizer/ folder of FLUX.2 \[dev\]"):
-        load_text_encoder_file(mistral[2]["no_tekken"])
-    enc = load_text_encoder_file(mistral[2]["no_tekken"], tokenizer=os.path.join(mistral[2]["hf"], "tokenizer"))
+        load_text_encoder(mistral[2]["no_tekken"])
+    enc = load_text_encoder(mistral[2]["no_tekken"], tokenizer=os.path.join(mistral[2]["hf"], "tokenizer"))
     assert torch.equal(enc.encode(PROMPTS).embeds, mistral_ref[1])
 
 
 def test_save_from_hf_folder_writes_the_tekken_and_same_weights(mistral, mistral_ref, tmp_path):
     out = save_text_encoder_file(mistral[2]["hf"], tmp_path / "from_hf.safetensors", quantize=False)
     assert TEKKEN_KEY in read_header(out).tensors
-    assert torch.equal(load_text_encoder_file(out).encode(PROMPTS).embeds, mistral_ref[1])
+    assert torch.equal(load_text_encoder(out).encode(PROMPTS).embeds, mistral_ref[1])
 
 
 def test_real_mistral_defaults_without_flux2kit_metadata(tmp_path):
     """A file as ComfyUI ships it (no config metadata): head_dim 128 and Mistral-Small's RoPE theta."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from flux2kit.pipelines.tiny.text_encoder import build_tiny_tokenizer
+    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=30,
@@ -212,14 +208,14 @@ def test_real_mistral_defaults_without_flux2kit_metadata(tmp_path):
     assert (info.config.head_dim, info.config.num_attention_heads, info.config.rope_parameters["rope_theta"]) == \
         (128, 2, 1e9)
     info.files.close()
-    assert torch.equal(load_text_encoder_file(tmp_path / "comfy.safetensors").encode(PROMPTS).embeds, ref)
+    assert torch.equal(load_text_encoder(tmp_path / "comfy.safetensors").encode(PROMPTS).embeds, ref)
 
 
 # --- Qwen3 ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    from flux2kit.pipelines.tiny.qwen3 import build_tiny_qwen3, save_tiny_qwen3
+    from flux2kit.pipelines.demo_models.qwen3 import build_tiny_qwen3, save_tiny_qwen3
 
     model, tok = build_tiny_qwen3(seed=2)
     root = tmp_path_factory.mktemp("qwen_files")
@@ -249,15 +245,15 @@ def test_qwen3_bf16_file_gives_the_hf_embeddings(qwen, qwen_ref):
 
 
 def test_qwen3_fp8_file_gives_the_dequantized_embeddings(qwen, qwen_ref):
-    enc = load_text_encoder_file(qwen[2]["fp8"], tokenizer=qwen[2]["tokenizer"])
+    enc = load_text_encoder(qwen[2]["fp8"], tokenizer=qwen[2]["tokenizer"])
     assert len(fp8_linears(enc.model)) == 7 * 27
     expected = dequantized_copy(qwen_ref[0]).encode(PROMPTS).embeds
     torch.testing.assert_close(enc.encode(PROMPTS).embeds, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_qwen3_quantize_on_load_equals_the_fp8_file(qwen):
-    a = load_text_encoder_file(qwen[2]["bf16"], tokenizer=qwen[2]["tokenizer"], weights="quantize")
-    b = load_text_encoder_file(qwen[2]["fp8"], tokenizer=qwen[2]["tokenizer"])
+    a = load_text_encoder(qwen[2]["bf16"], tokenizer=qwen[2]["tokenizer"], weights="quantize")
+    b = load_text_encoder(qwen[2]["fp8"], tokenizer=qwen[2]["tokenizer"])
     assert torch.equal(a.encode(PROMPTS).embeds, b.encode(PROMPTS).embeds)
 
 
@@ -269,7 +265,7 @@ def test_qwen3_file_without_tokenizer_says_what_to_pass(qwen):
 def test_tokenizer_of_another_model_is_refused(qwen, mistral):
     # Qwen3's tokenizer (998 tokens) for the Mistral encoder (1000 rows): it fits, but lacks Mistral's chat tokens
     with pytest.raises(Flux2KitError, match=r"does not match the text encoder.*lacks \[INST\].*different models"):
-        load_text_encoder_file(mistral[2]["no_tekken"], tokenizer=qwen[2]["tokenizer"])
+        load_text_encoder(mistral[2]["no_tekken"], tokenizer=qwen[2]["tokenizer"])
 
 
 def test_folder_with_another_models_tokenizer_is_refused(qwen, mistral, tmp_path):
@@ -287,7 +283,7 @@ def test_folder_with_another_models_tokenizer_is_refused(qwen, mistral, tmp_path
 def test_tokenizer_larger_than_the_embedding_is_refused(qwen, mistral):
     # Mistral's tiny tokenizer (1000 tokens) for the tiny Qwen3 (998 embedding rows)
     with pytest.raises(Flux2KitError, match="1000 tokens but the text encoder in qwen_3_4b.safetensors embeds only 998"):
-        load_text_encoder_file(qwen[2]["bf16"], tokenizer=os.path.join(mistral[2]["hf"], "tokenizer"))
+        load_text_encoder(qwen[2]["bf16"], tokenizer=os.path.join(mistral[2]["hf"], "tokenizer"))
 
 
 def test_old_chat_template_is_replaced_by_qwen3s(qwen, qwen_ref, tmp_path):
@@ -296,7 +292,7 @@ def test_old_chat_template_is_replaced_by_qwen3s(qwen, qwen_ref, tmp_path):
     tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     tok.save_pretrained(tmp_path / "old")
-    enc = load_text_encoder_file(qwen[2]["bf16"], tokenizer=str(tmp_path / "old"))
+    enc = load_text_encoder(qwen[2]["bf16"], tokenizer=str(tmp_path / "old"))
     assert torch.equal(enc.encode(PROMPTS).embeds, qwen_ref[1])
 
 
@@ -312,7 +308,7 @@ def test_too_few_layers(mistral, tmp_path):
     sd = {k: v for k, v in sd.items() if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= 20)}
     save_file(sd, tmp_path / "short.safetensors", metadata=read_header(mistral[2]["bf16"]).metadata)
     with pytest.raises(Flux2KitError, match="holds 20 layers.*needs at least 30"):
-        load_text_encoder_file(tmp_path / "short.safetensors")
+        load_text_encoder(tmp_path / "short.safetensors")
 
 
 def test_incomplete_file_names_a_missing_tensor(mistral, tmp_path):
@@ -320,7 +316,7 @@ def test_incomplete_file_names_a_missing_tensor(mistral, tmp_path):
     del sd["model.layers.5.mlp.up_proj.weight"]
     save_file(sd, tmp_path / "broken.safetensors", metadata=read_header(mistral[2]["bf16"]).metadata)
     with pytest.raises(Flux2KitError, match="incomplete.*layers.5.mlp.up_proj"):
-        load_text_encoder_file(tmp_path / "broken.safetensors")
+        load_text_encoder(tmp_path / "broken.safetensors")
 
 
 @contextlib.contextmanager
@@ -350,7 +346,7 @@ def test_failed_load_leaves_no_model_alive(mistral, tmp_path):
     del sd["model.layers.29.mlp.up_proj.weight"]  # fails after every other tensor was loaded
     save_file(sd, tmp_path / "broken.safetensors", metadata=read_header(mistral[2]["bf16"]).metadata)
     with _models_built() as refs, pytest.raises(Flux2KitError) as info:
-        load_text_encoder_file(tmp_path / "broken.safetensors")
+        load_text_encoder(tmp_path / "broken.safetensors")
     del info
     gc.collect()
     assert refs and all(r() is None for r in refs)
@@ -391,7 +387,7 @@ def test_other_comfyui_fp8_flavors_load_the_same(flavor, mistral, tmp_path):
         del metadata["_quantization_metadata"]
     path = tmp_path / f"{flavor}.safetensors"
     save_file(sd, path, metadata=metadata)
-    expected = load_text_encoder_file(mistral[2]["fp8"]).encode(PROMPTS).embeds
-    enc = load_text_encoder_file(path)
+    expected = load_text_encoder(mistral[2]["fp8"]).encode(PROMPTS).embeds
+    enc = load_text_encoder(path)
     assert len(fp8_linears(enc.model)) == 7 * 30
     assert torch.equal(enc.encode(PROMPTS).embeds, expected)

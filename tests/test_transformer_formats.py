@@ -10,12 +10,13 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from flux2kit.pipelines import sampling
-from flux2kit.pipelines.checkpoint_formats import apply_op, inspect_transformer, map_bfl_key
+from flux2kit.pipelines.generation import sampling
+from flux2kit.pipelines.files.transformer_checkpoint import apply_op, inspect_transformer, map_bfl_key
 from flux2kit.pipelines.errors import Flux2KitError, UnsupportedFormatError
-from flux2kit.pipelines.fp8 import FP8Linear, quantize_weight, set_fp8_matmul
-from flux2kit.pipelines.tiny.transformer import FP8_LAYOUTS, LAYOUTS, fp8_reference, to_bfl
-from flux2kit.pipelines.transformer import load_transformer
+from flux2kit.pipelines.models.fp8_linear import FP8Linear, set_fp8_matmul
+from flux2kit.pipelines.files.fp8 import quantize_weight
+from flux2kit.pipelines.demo_models.transformer import FP8_LAYOUTS, LAYOUTS, fp8_reference, to_bfl
+from flux2kit.pipelines.models.transformer import load_transformer
 
 
 def _inputs(batch=1, h=4, w=6, text_len=16, width=384, seed=1):
@@ -289,7 +290,7 @@ def test_folder_without_transformer(tmp_path):
 
 def test_klein_transformer_without_metadata_asks_for_distilled_or_base(tmp_path):
     # [klein] loads (tests/test_klein.py); a file that does not say which [klein] it is needs the setting.
-    from flux2kit.pipelines.tiny.transformer import build_tiny_transformer, save_transformer
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer, save_transformer
 
     path = save_transformer(build_tiny_transformer(guidance_embeds=False), str(tmp_path / "klein.safetensors"), "bfl")
     _expect_error(path, "[klein]", "Pick klein_mode 'distilled' or 'base'")

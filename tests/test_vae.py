@@ -11,18 +11,11 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLFlux2, Flux2Pipeline
 from safetensors.torch import load_file, save_file
 
-from flux2kit.pipelines import vae as vae_mod
+from flux2kit.pipelines.models import vae as vae_mod
 from flux2kit.pipelines.errors import Flux2KitError, UnsupportedFormatError
-from flux2kit.pipelines.tiny.vae import build_tiny_vae, save_vae_diffusers, save_vae_ldm, tiny_vae_config
-from flux2kit.pipelines.vae import (
-    Flux2VAE,
-    convert_diffusers_vae_to_ldm,
-    convert_ldm_vae_to_diffusers,
-    load_vae,
-    patchify_latents,
-    unpatchify_latents,
-    vae_config_from_ldm,
-)
+from flux2kit.pipelines.demo_models.vae import build_tiny_vae, save_vae_diffusers, save_vae_ldm, tiny_vae_config
+from flux2kit.pipelines.files.vae_checkpoint import convert_diffusers_vae_to_ldm, convert_ldm_vae_to_diffusers, vae_config_from_ldm
+from flux2kit.pipelines.models.vae import Flux2VAE, load_vae, patchify_latents, unpatchify_latents
 
 # --------------------------------------------------------------------------------------------
 # Real key names of flux2-vae.safetensors / BFL's ae.safetensors.
@@ -267,7 +260,7 @@ def test_to_moves_model(files):
 
 def test_streams_one_tensor_at_a_time(files, monkeypatch):
     """Each tensor is read once via TensorFile.get; the model is never materialised twice."""
-    from flux2kit.pipelines import safetensors_io
+    from flux2kit.pipelines.files import safetensors as safetensors_io
 
     calls = []
     original = safetensors_io.TensorFile.get
@@ -278,14 +271,14 @@ def test_streams_one_tensor_at_a_time(files, monkeypatch):
 
     monkeypatch.setattr(safetensors_io.TensorFile, "get", counting_get)
     built = []
-    original_build = vae_mod._build_on_meta
+    original_build = vae_mod.build_on_meta
 
     def recording_build(config):
         model = original_build(config)
         built.append(all(p.is_meta for p in model.parameters()))
         return model
 
-    monkeypatch.setattr(vae_mod, "_build_on_meta", recording_build)
+    monkeypatch.setattr(vae_mod, "build_on_meta", recording_build)
     load_vae(files["ldm"])
     assert built == [True]
     assert len(calls) == len(set(calls)) == len(load_file(files["ldm"]))
@@ -293,7 +286,7 @@ def test_streams_one_tensor_at_a_time(files, monkeypatch):
 
 def test_built_on_meta_device():
     config = vae_config_from_ldm(bfl_autoencoder_shapes())
-    model = vae_mod._build_on_meta(config)
+    model = vae_mod.build_on_meta(config)
     assert all(p.is_meta for p in model.parameters())
 
 
@@ -357,7 +350,7 @@ def test_conversion_round_trip_is_exact_and_total(config):
     for key in ("block_out_channels", "layers_per_block", "latent_channels", "down_block_types", "up_block_types"):
         assert inferred[key] == config[key], key
     assert inferred["decoder_block_out_channels"] == config.get("decoder_block_out_channels")
-    rebuilt = vae_mod._build_on_meta(inferred)
+    rebuilt = vae_mod.build_on_meta(inferred)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in sd.items()}
 
 
@@ -416,7 +409,7 @@ def _sd_style_vae(latent_channels: int, **kwargs) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def no_tensor_reads(monkeypatch):
-    from flux2kit.pipelines import safetensors_io
+    from flux2kit.pipelines.files import safetensors as safetensors_io
 
     def refuse(self, key):
         raise AssertionError(f"tensor {key} read while refusing a file")

@@ -25,11 +25,11 @@ def load(path):
 @pytest.fixture(scope="module")
 def schemas(comfy):
     """node id -> class: flux2kit's nodes and the headless runner's LoadImage (ComfyUI core's inputs)."""
-    from flux2kit import headless
+    from flux2kit.cli.local_runner import load_image_node
     from flux2kit import nodes as pack
 
     classes = {cls.define_schema().node_id: cls for cls in pack.node_list()}
-    classes["LoadImage"] = headless._load_image_node()
+    classes["LoadImage"] = load_image_node()
     return classes
 
 
@@ -58,7 +58,7 @@ def test_every_workflow_has_a_twin():
 
 @pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
 def test_api_workflow_uses_existing_nodes_inputs_and_values(path, schemas):
-    from flux2kit.headless import needed_nodes
+    from flux2kit.cli.workflow.graph import needed_nodes
 
     wf = load(path)
     outputs = []

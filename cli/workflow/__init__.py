@@ -1,0 +1,1 @@
+"""Workflows from outside ComfyUI: files, the graph, command-line changes, schema checks, UI-to-API conversion."""

@@ -1,0 +1,146 @@
+"""Reference images: preprocessing (docs/parameters.md, "References") and encoding into reference tokens.
+
+Reference i (1-based) is encoded by the VAE and appended after the target tokens with position ids
+(T=10*i, h, w, 0), so the model tells the references apart by their T coordinate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..errors import Flux2KitError
+from ..parameters import MAX_REFERENCES, MEGAPIXEL
+
+MIN_SIDE = 64
+MAX_ASPECT = 8.0
+SINGLE_REFERENCE_MAX_PIXELS = 4 * MEGAPIXEL  # BFL's reference code allows ~4 MP for a lone reference
+
+
+@dataclass
+class References:
+    """Encoded references: tokens (1, N, 128) and their position ids (1, N, 4)."""
+
+    tokens: torch.Tensor
+    ids: torch.Tensor
+    sizes: list[tuple[int, int]]  # (width, height) of each preprocessed reference, in pixels
+    first_size: tuple[int, int] | None = None  # (width, height) of image 1 as given: match_input_image
+
+    @property
+    def count(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+def to_pil(image) -> PIL.Image.Image:
+    """A PIL image from PIL, a (H, W, C) array/tensor in [0, 1] (ComfyUI's IMAGE item) or uint8."""
+    if isinstance(image, PIL.Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().float().numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise Flux2KitError(
+                f"A reference image must be an image (height, width, channels with 1, 3 or 4 channels); got an array of shape {tuple(image.shape)}."
+            )
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        if image.shape[2] == 1:
+            image = image[:, :, 0]
+        return PIL.Image.fromarray(image)
+    raise Flux2KitError(f"A reference must be an image; got {type(image).__name__}.")
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB, with transparency composited onto white and grayscale expanded."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_reference(image: PIL.Image.Image, number: int = 1) -> None:
+    w, h = image.size
+    if min(w, h) < MIN_SIDE:
+        raise Flux2KitError(f"Reference image {number} is {w}x{h}; both sides must be at least {MIN_SIDE} pixels. Use a larger image.")
+    ratio = max(w / h, h / w)
+    if ratio > MAX_ASPECT:
+        raise Flux2KitError(
+            f"Reference image {number} is {w}x{h} (aspect {ratio:.1f}:1); the aspect ratio must be at most 8:1. Crop it first."
+        )
+
+
+def prepare_reference(image, *, max_pixels: int = MEGAPIXEL, number: int = 1) -> torch.Tensor:
+    """One reference as a (1, 3, h, w) tensor in [-1, 1]: RGB, at most ``max_pixels`` (LANCZOS), centre-cropped to multiples of 16."""
+    pil = to_pil(image)
+    check_reference(pil, number)
+    w, h = pil.size
+    if w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        pil = pil.resize((int(w * scale), int(h * scale)), PIL.Image.Resampling.LANCZOS)
+        w, h = pil.size
+    cw, ch = (w // 16) * 16, (h // 16) * 16
+    left, top = (w - cw) // 2, (h - ch) // 2
+    pil = to_rgb(pil.crop((left, top, left + cw, top + ch)))
+    arr = np.asarray(pil, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+
+
+def split_images(images) -> list:
+    """Flatten a list of images, where an item may be a ComfyUI IMAGE batch (B, H, W, C)."""
+    out = []
+    for item in images or []:
+        if isinstance(item, torch.Tensor) and item.ndim == 4:
+            out.extend(item[i] for i in range(item.shape[0]))
+        else:
+            out.append(item)
+    return out
+
+
+def reference_ids(latent_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """Position ids (1, N, 4) for references with latent sizes (h, w): T = 10 * i for reference i (1-based)."""
+    ids = []
+    for i, (h, w) in enumerate(latent_sizes, start=1):
+        t = torch.tensor([10 * i])
+        ids.append(torch.cartesian_prod(t, torch.arange(h), torch.arange(w), torch.arange(1)))
+    return torch.cat(ids, dim=0).unsqueeze(0)
+
+
+def encode_references(vae, images, *, max_pixels: int | None = None, max_count: int = MAX_REFERENCES) -> References | None:
+    """Encode 1-10 reference images with the VAE into reference tokens; None for no images.
+
+    ``max_pixels`` defaults to 1 MP each; a single reference may be allowed up to 4 MP.
+    """
+    images = split_images(images)
+    if not images:
+        return None
+    if len(images) > max_count:
+        raise Flux2KitError(f"{len(images)} reference images were given; at most {max_count} are supported. Remove some.")
+    limit = max_pixels or MEGAPIXEL
+    if len(images) > 1:
+        limit = min(limit, MEGAPIXEL)
+    tokens, latent_sizes, sizes = [], [], []
+    first_size = to_pil(images[0]).size
+    for number, image in enumerate(images, start=1):
+        pixels = prepare_reference(image, max_pixels=limit, number=number)
+        latent = vae.encode(pixels.to(vae.device, vae.dtype))  # (1, 128, h, w), normalized
+        _, c, h, w = latent.shape
+        tokens.append(latent.reshape(1, c, h * w).permute(0, 2, 1))
+        latent_sizes.append((h, w))
+        sizes.append((pixels.shape[-1], pixels.shape[-2]))
+    return References(tokens=torch.cat(tokens, dim=1), ids=reference_ids(latent_sizes), sizes=sizes,
+                      first_size=first_size)
