@@ -90,7 +90,7 @@ def test_quantized_weights_are_the_per_tensor_quantization_of_the_bf16_ones(tiny
 
 
 def test_quantized_model_is_close_to_bf16_on_a_shallow_model(transformer_files):
-    # FP8 vs bf16 only on a shallow model: random deep models amplify the rounding (docs/checkpoints.md).
+    # FP8 vs bf16 only on a shallow model: random deep models amplify the rounding (DEVELOPERS.md, "Tiny models").
     bf16 = forward(load_transformer(transformer_files["bfl"], device="cpu"))
     fp8 = forward(load_transformer(transformer_files["bfl"], device="cpu", weights="quantize"))
     assert ((fp8 - bf16).norm() / bf16.norm()).item() < 0.01  # measured 0.096%

@@ -74,7 +74,7 @@ def run_probe(tmp_path, task: str, **args) -> dict:
 def bf16_transformer(tmp_path_factory):
     from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer, save_transformer
 
-    # head_dim 128: ComfyUI infers the head count as width / 128 (docs/checkpoints.md)
+    # head_dim 128: ComfyUI infers the head count as width / 128 (DEVELOPERS.md, "Tiny models")
     root = tmp_path_factory.mktemp("real_fp8")
     return save_transformer(build_tiny_transformer(seed=5), str(root / "bf16.safetensors"), "bfl")
 
