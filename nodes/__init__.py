@@ -2,12 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import api, encode, generate, loaders, prompts, quantize, sampling, save
+from . import api, editing, encode, generate, loaders, prompts, quantize, sampling, save
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES, *quantize.NODES,
-            *prompts.NODES, *api.NODES]
+    return [*loaders.NODES, *encode.NODES, *editing.NODES, *sampling.NODES, *generate.NODES, *save.NODES,
+            *quantize.NODES, *prompts.NODES, *api.NODES]
 
 
 class Flux2KitExtension(ComfyExtension):

@@ -167,6 +167,61 @@ def encode_start(vae, pixels: torch.Tensor) -> torch.Tensor:
     return latents.float().cpu()
 
 
+PIXELS_KEY = "flux2kit_pixels"  # a LATENT's source pixels (FLUX.2 VAE Encode adds them): what paste-back restores
+PASTE_KEY = "flux2kit_paste"  # on the Sampler's LATENT: {"pixels", "mask", "mode"} for FLUX.2 Decode to paste back
+
+
+def latent_dict(samples: torch.Tensor, *, pixels: torch.Tensor | None = None,
+                noise_mask: torch.Tensor | None = None) -> dict:
+    """A ComfyUI LATENT with flux2kit's extras (core nodes copy unknown keys along and otherwise ignore them)."""
+    out = {"samples": samples.contiguous()}
+    if noise_mask is not None:
+        out["noise_mask"] = noise_mask.reshape(-1, 1, *noise_mask.shape[-2:])
+    if pixels is not None:
+        out[PIXELS_KEY] = pixels
+    return out
+
+
+def edit_from_latent(latent: dict, *, denoise: float, mask=None, mask_mode: str = "binary",
+                     source_as_reference: bool = True, crop_margin: int = 0) -> tuple[Edit, list[str]]:
+    """An :class:`Edit` from a ComfyUI LATENT (ours, core VAE Encode's, or an empty one), and notes for the user.
+
+    ``mask`` (a MASK) wins over the LATENT's ``noise_mask`` (core Set Latent Noise Mask / VAE Encode (for
+    Inpainting)); either may have any size of the image's aspect ratio.
+    """
+    if not isinstance(latent, dict):
+        raise Flux2KitError("The latent input is not a ComfyUI LATENT; connect FLUX.2 VAE Encode, core VAE Encode or "
+                            "Empty Flux 2 Latent.")
+    notes = []
+    size = empty_latent_size(latent)
+    if size is not None:  # core's empty latents: the size (and batch) only
+        samples = torch.zeros(latent["samples"].shape[0], LATENT_CHANNELS, size[1] // SIZE_MULTIPLE,
+                              size[0] // SIZE_MULTIPLE)
+    else:
+        samples = check_latent(latent.get("samples"))
+    h, w = samples.shape[-2:]
+    pixel_mask = None
+    if mask is not None:
+        if latent.get("noise_mask") is not None:
+            notes.append("The mask input is used; the LATENT's noise_mask is ignored.")
+        pixel_mask = fit_mask(mask, SIZE_MULTIPLE * w, SIZE_MULTIPLE * h)
+    elif latent.get("noise_mask") is not None:
+        pixel_mask = fit_mask(latent["noise_mask"], SIZE_MULTIPLE * w, SIZE_MULTIPLE * h)
+    edit = Edit(samples.float(), denoise=denoise, mask=pixel_mask, mask_mode=mask_mode,
+                source_as_reference=source_as_reference, crop_margin=crop_margin)
+    if edit.empty_start:
+        notes.append("The LATENT is empty: it sets the size only (not a start image, not a reference).")
+    return edit, notes
+
+
+def source_pixels(latent: dict, width: int, height: int) -> torch.Tensor | None:
+    """The source pixels a LATENT carries (FLUX.2 VAE Encode's), when they match its size; else None."""
+    pixels = latent.get(PIXELS_KEY) if isinstance(latent, dict) else None
+    if isinstance(pixels, torch.Tensor) and pixels.ndim == 4 and tuple(pixels.shape[1:3]) == (height, width):
+        return pixels
+    return None
+
+
 # -- masks -------------------------------------------------------------------------------------------
 
 def mask_tensor(mask) -> torch.Tensor:
