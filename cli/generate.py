@@ -67,7 +67,7 @@ def add_generate_arguments(gen) -> None:
              f"scale (default {DEFAULTS['klein-base']['guidance']}); ignored by [klein] distilled")
     add("--klein-mode", choices=KLEIN_MODES, default="auto",
         help="[klein] only: distilled or base (identical tensors; auto reads the file's metadata and asks when "
-             "it says nothing)")
+             "it says nothing), or kv for FLUX.2 [klein] 9B KV (references cached)")
     add("--seed", type=int, default=0, metavar="N", help="noise seed; image i of a batch uses seed + i (default: 0)")
     add("--batch-size", type=int, default=1, metavar="N", help="images to make, 1-16 (default: 1)")
     add("--out", default="./output", metavar="DIR", help="folder for the PNGs (default: ./output)")

@@ -13,6 +13,7 @@ from ..pipelines.generation.editing import (
     fit_mask,
     latent_dict,
 )
+from ..pipelines.generation.reference_cache import REFERENCE_CACHE_MODES
 from ..pipelines.parameters import MAX_SIDE
 from . import services
 from .types import CATEGORY, VAE
@@ -87,6 +88,22 @@ class VAEEncode(io.ComfyNode):
         latents = encode_start(vae, pixels)
         out_mask = crop_mask if crop_mask is not None else torch.zeros(pixels.shape[0], height, width)
         return io.NodeOutput(latent_dict(latents, pixels=pixels, noise_mask=crop_mask), pixels, out_mask)
+
+
+REFERENCE_CACHE_TIP = (
+    "Reuse the references' attention keys and values instead of recomputing them every step. auto: FLUX.2 [klein] "
+    "9B KV (loader klein_mode 'kv') computes them once and keeps them across runs that change only the prompt, seed, "
+    "size or denoise (exact: the same picture as without the cache); other models run normally. off: no cache. "
+    "approximate: other models too, as ComfyUI's experimental Flux KV Cache node does (references at timestep 0, "
+    "K/V from the first step): faster, but the picture changes slightly (README, Cached references). Memory on the "
+    "GPU: K and V of every reference token in every block, 2 x width x blocks x 2 bytes in bf16: [klein] 9B 0.5 MB "
+    "per token (2 GB per 1 MP reference), [klein] 4B 0.29 MB (1.2 GB), [dev] 1.3 MB (5.3 GB); the node shows the "
+    "actual size after the run.")
+
+
+def reference_cache_input() -> io.Combo.Input:
+    return io.Combo.Input("reference_cache", options=list(REFERENCE_CACHE_MODES), default="auto", optional=True,
+                          tooltip=REFERENCE_CACHE_TIP)
 
 
 NODES = [VAEEncode]

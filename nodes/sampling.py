@@ -18,7 +18,8 @@ from ..pipelines.generation.generate import decode, sample
 from ..pipelines.generation.request import check_conditioning_fits
 from ..pipelines.prompting.json_prompt import check_reference_mentions
 from . import services
-from .editing import edit_inputs
+from ..pipelines.generation.reference_cache import estimate_bytes
+from .editing import edit_inputs, reference_cache_input
 from .types import CATEGORY, VAE, Conditioning, References, Transformer
 
 
@@ -82,6 +83,7 @@ class Sampler(io.ComfyNode):
                               tooltip="Optional inpaint mask (white = repaint), any size with the image's aspect ratio; "
                                       "wins over the LATENT's noise_mask. Grow or feather it with core mask nodes."),
                 *edit_inputs(),
+                reference_cache_input(),
             ],
             outputs=[io.Latent.Output(display_name="LATENT",
                                       tooltip="FLUX.2 latent (128 channels at 1/16). Decode with FLUX.2 Decode or "
@@ -92,7 +94,8 @@ class Sampler(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, conditioning, aspect_ratio, resolution, width, height, num_inference_steps,
                 guidance, seed, batch_size, references=None, latent=None, mask=None, denoise=1.0,
-                source_as_reference=True, paste_back=True, mask_mode="binary", crop_margin=0) -> io.NodeOutput:
+                source_as_reference=True, paste_back=True, mask_mode="binary", crop_margin=0,
+                reference_cache="auto") -> io.NodeOutput:
         edit, notes = None, []
         if latent is not None:
             edit, notes = edit_from_latent(latent, denoise=denoise, mask=mask, mask_mode=mask_mode,
@@ -116,10 +119,13 @@ class Sampler(io.ComfyNode):
         if edit is not None:
             outcome = edit_outcome(denoise, edit.mask, tuple(edit.latents.shape[-2:]), mask_mode)
             notes += [outcome] if outcome else []
-        services.load_to_device(transformer)
+        ref_tokens = (references.num_tokens if references is not None else 0) + source * (w // 16) * (h // 16)
+        services.load_to_device(transformer, memory_required=estimate_bytes(transformer, ref_tokens, reference_cache,
+                                                                            batch_size))
         latents = sample(transformer, conditioning.embeds, references, width=w, height=h,
                          num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
                          batch_size=batch_size, negative_embeds=getattr(conditioning, "negative", None), edit=edit,
+                         reference_cache=reference_cache, notes=notes,
                          callback=services.step_callback(num_inference_steps, transformer.device),
                          should_cancel=services.should_cancel)
         out = latent_dict(latents, noise_mask=latent.get("noise_mask") if latent is not None else None)

@@ -31,7 +31,8 @@ MAX_SCHEDULE_STEPS = 1000
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 RECOMMENDED_REFERENCES = {"dev": 6, "klein": 4}
 # [klein] distilled and base have identical tensors: which one a file holds is read from it or set here.
-KLEIN_MODES = ("auto", "distilled", "base")
+# "kv" is FLUX.2 [klein] 9B KV: distilled, with references that attend only to themselves (cacheable).
+KLEIN_MODES = ("auto", "distilled", "base", "kv")
 DEFAULTS = {  # per model (docs/parameters.md); [klein] distilled runs without guidance
     "dev": {"num_inference_steps": 28, "guidance": 4.0},
     "klein-distilled": {"num_inference_steps": 4, "guidance": 1.0},

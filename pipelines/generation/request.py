@@ -9,7 +9,7 @@ loaded models fit the request (the text encoder belongs to the transformer) is
 Order of the checks: the prompt (empty only with references or a start image), "image N" in the
 prompt against the references (the start image counts as image 1 when it is used as a reference),
 each reference (size, aspect), the start image (size, at most 4 MP), the mask (needs a start image,
-the start image's aspect), denoise, the edit options, the output size (a start image's wins), the
+the start image's aspect), denoise, the edit options and reference cache, the output size (a start image's wins), the
 ranges (steps, guidance, seed, batch), then the models.
 """
 
@@ -24,6 +24,7 @@ import torch
 from ..parameters import DEFAULTS, MAX_SIDE, RECOMMENDED_REFERENCES, check_denoise, check_generation, resolve_size
 from ..prompting.json_prompt import check_reference_mentions
 from .editing import MASK_MODES, check_start_size, crop_to_multiple, edit_batch_size, fit_mask, image_tensor
+from .reference_cache import REFERENCE_CACHE_MODES
 from .references import check_reference, split_images, to_pil
 
 log = logging.getLogger("flux2kit")
@@ -65,6 +66,7 @@ class GenerationRequest:
     paste_back: bool = True  # outside the mask, the result is the start image's own pixels
     mask_mode: str = "binary"  # "binary" (diffusers) or "soft" (feathered masks blend)
     crop_margin: int = 0  # > 0: sample only the mask's box plus this many pixels, then stitch
+    reference_cache: str = "auto"  # "auto", "off", "approximate" (generation/reference_cache.py)
 
     def check(self) -> CheckedRequest:
         """Every check of the inputs alone, in one order; the request with its size resolved."""
@@ -109,6 +111,9 @@ class GenerationRequest:
             raise Flux2KitError(f"Unknown mask_mode {self.mask_mode!r}; use one of {', '.join(MASK_MODES)}.")
         if not 0 <= self.crop_margin <= MAX_SIDE:
             raise Flux2KitError(f"crop_margin must be 0-{MAX_SIDE} pixels, got {self.crop_margin}.")
+        if self.reference_cache not in REFERENCE_CACHE_MODES:
+            raise Flux2KitError(f"Unknown reference_cache {self.reference_cache!r}; use one of "
+                                f"{', '.join(REFERENCE_CACHE_MODES)}.")
         return mask
 
 
