@@ -9,13 +9,13 @@ from ..pipelines.errors import Flux2KitError
 from ..pipelines.generation.editing import (
     PASTE_KEY,
     edit_from_latent,
-    edit_outcome,
     latent_dict,
     paste_back,
     source_pixels,
 )
 from ..pipelines.generation.generate import decode, sample
-from ..pipelines.generation.request import check_conditioning_fits
+from ..pipelines.generation.conditioning import SAME, sampler_conditioning
+from ..pipelines.generation.request import check_text_encoder_fits
 from ..pipelines.prompting.json_prompt import check_reference_mentions
 from . import services
 from ..pipelines.generation.reference_cache import estimate_bytes
@@ -70,7 +70,10 @@ class Sampler(io.ComfyNode):
                         "Cancel stops it at the next step. A start LATENT's size wins over the size inputs.",
             inputs=[
                 Transformer.Input("transformer", tooltip="From FLUX.2 Load Transformer."),
-                Conditioning.Input("conditioning", tooltip="From FLUX.2 Text Encode."),
+                io.MultiType.Input("conditioning", types=[Conditioning, io.Conditioning],
+                                   tooltip="From FLUX.2 Text Encode, or core CONDITIONING as core's FLUX.2 model takes "
+                                           "it (any length, zero-padded to 512 tokens as core does) with its Reference "
+                                           "Latent images and FluxGuidance value (3.5 when none is set, as in core)."),
                 References.Input("references", optional=True,
                                  tooltip="Optional, from FLUX.2 Multi-Reference Encode: edit or combine these images."),
                 *generation_inputs(),
@@ -84,6 +87,12 @@ class Sampler(io.ComfyNode):
                                       "wins over the LATENT's noise_mask. Grow or feather it with core mask nodes."),
                 *edit_inputs(),
                 reference_cache_input(),
+                io.MultiType.Input("negative", types=[Conditioning, io.Conditioning], optional=True,
+                                   tooltip="Optional negative for FLUX.2 [klein] base's classifier-free guidance (scale "
+                                           "= guidance, above 1): core CONDITIONING (with its own Reference Latents, as "
+                                           "core samples it) or FLUX.2 Text Encode's. Without it, FLUX.2 Text Encode's "
+                                           "conditioning guides against the empty prompt, and core conditioning runs "
+                                           "without guidance (the node says so)."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT",
                                       tooltip="FLUX.2 latent (128 channels at 1/16). Decode with FLUX.2 Decode or "
@@ -95,11 +104,13 @@ class Sampler(io.ComfyNode):
     def execute(cls, transformer, conditioning, aspect_ratio, resolution, width, height, num_inference_steps,
                 guidance, seed, batch_size, references=None, latent=None, mask=None, denoise=1.0,
                 source_as_reference=True, paste_back=True, mask_mode="binary", crop_margin=0,
-                reference_cache="auto") -> io.NodeOutput:
-        edit, notes = None, []
+                reference_cache="auto", negative=None) -> io.NodeOutput:
+        cond = sampler_conditioning(transformer, conditioning, negative, guidance=guidance, references=references)
+        refs, notes, edit = cond.references, list(cond.notes), None
         if latent is not None:
-            edit, notes = edit_from_latent(latent, denoise=denoise, mask=mask, mask_mode=mask_mode,
-                                           source_as_reference=source_as_reference, crop_margin=crop_margin)
+            edit, latent_notes = edit_from_latent(latent, denoise=denoise, mask=mask, mask_mode=mask_mode,
+                                                  source_as_reference=source_as_reference, crop_margin=crop_margin)
+            notes += latent_notes
             h, w = (16 * n for n in edit.latents.shape[-2:])
             notes.append(f"{w}x{h} from the LATENT")
         else:
@@ -108,24 +119,20 @@ class Sampler(io.ComfyNode):
             if denoise < 1:
                 raise Flux2KitError(f"denoise {denoise:g} needs a start image: connect a LATENT (FLUX.2 VAE Encode), "
                                     "or set denoise to 1.")
-            w, h = resolve_size(aspect_ratio, resolution, width, height,
-                                references.first_size if references is not None else None)
+            w, h = resolve_size(aspect_ratio, resolution, width, height, refs.first_size if refs is not None else None)
         source = int(edit is not None and source_as_reference and not edit.empty_start)
-        count = (references.count if references is not None else 0) + source
-        for prompt in conditioning.prompts:  # 'image 3' in the prompt with 2 references: say so before sampling
-            if references is not None or source:
-                check_reference_mentions(prompt, count)
-        check_conditioning_fits(transformer, conditioning)
-        if edit is not None:
-            outcome = edit_outcome(denoise, edit.mask, tuple(edit.latents.shape[-2:]), mask_mode)
-            notes += [outcome] if outcome else []
-        ref_tokens = (references.num_tokens if references is not None else 0) + source * (w // 16) * (h // 16)
+        for prompt in cond.prompts:  # 'image 3' in the prompt with 2 references: say so before sampling
+            if refs is not None or source:
+                check_reference_mentions(prompt, (refs.count if refs is not None else 0) + source)
+        check_text_encoder_fits(transformer, cond.embeds.shape[-1], getattr(conditioning, "family", None))
+        ref_tokens = (refs.num_tokens if refs is not None else 0) + source * (w // 16) * (h // 16)
         services.load_to_device(transformer, memory_required=estimate_bytes(transformer, ref_tokens, reference_cache,
                                                                             batch_size))
-        latents = sample(transformer, conditioning.embeds, references, width=w, height=h,
+        latents = sample(transformer, cond.embeds, refs, width=w, height=h,
                          num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
-                         batch_size=batch_size, negative_embeds=getattr(conditioning, "negative", None), edit=edit,
-                         reference_cache=reference_cache, notes=notes,
+                         batch_size=batch_size, negative_embeds=cond.negative_embeds, edit=edit,
+                         negative_references=refs if cond.negative_references is SAME else cond.negative_references,
+                         reference_cache=reference_cache, embedded_guidance=cond.embedded_guidance, notes=notes,
                          callback=services.step_callback(num_inference_steps, transformer.device),
                          should_cancel=services.should_cancel)
         out = latent_dict(latents, noise_mask=latent.get("noise_mask") if latent is not None else None)

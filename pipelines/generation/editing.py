@@ -162,8 +162,10 @@ def image_tensor(image) -> torch.Tensor:
 
 def encode_start(vae, pixels: torch.Tensor) -> torch.Tensor:
     """IMAGE (B, H, W, 3) in [0, 1], sides multiples of 16 -> clean FLUX.2 latents (B, 128, H/16, W/16) on the CPU."""
+    # (B, H, W, 3) contiguous, then permuted: the memory layout diffusers' image processor gives the VAE (and
+    # references.prepare_reference), so equal pixels give bit-equal latents whichever path encodes them.
     with torch.inference_mode():
-        latents = vae.encode((pixels.movedim(-1, 1) * 2.0 - 1.0).to(vae.device, vae.dtype))
+        latents = vae.encode((pixels.contiguous().movedim(-1, 1) * 2.0 - 1.0).to(vae.device, vae.dtype))
     return latents.float().cpu()
 
 

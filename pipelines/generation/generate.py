@@ -153,7 +153,7 @@ _SAME = object()  # negative_references default: the positive pass's references
 def sample(transformer, prompt_embeds: torch.Tensor, references: References | None = None, *, width: int, height: int,
            num_inference_steps: int, guidance: float, seed: int, batch_size: int = 1,
            negative_embeds: torch.Tensor | None = None, edit: Edit | None = None, negative_references=_SAME,
-           reference_cache: str = "auto", notes: list | None = None,
+           reference_cache: str = "auto", embedded_guidance="same", notes: list | None = None,
            callback: StepCallback | None = None, should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
     """The sampling stage: seeded noise (or an edit's start) -> denoised latents (B, 128, H/16, W/16), fp32 on the CPU.
 
@@ -162,7 +162,8 @@ def sample(transformer, prompt_embeds: torch.Tensor, references: References | No
     carries its own). With an ``edit`` its latents set the size and the batch (width and height are
     ignored), ``edit.denoise`` how much of the schedule runs, and ``edit.mask`` what may change.
     ``reference_cache`` ("auto", "off", "approximate": reference_cache.py) says whether reference K/V are
-    cached; ``notes`` (a list) receives what the user should know about the run.
+    cached; ``embedded_guidance`` replaces ``guidance`` in [dev]'s guidance embedding (core conditioning carries
+    its own; None leaves it out); ``notes`` (a list) receives what the user should know about the run.
     These latents are ComfyUI's FLUX.2 LATENT as they are: its VAE Decode with flux2-vae decodes them.
     """
     check_generation(num_inference_steps, guidance, seed, batch_size)
@@ -177,21 +178,21 @@ def sample(transformer, prompt_embeds: torch.Tensor, references: References | No
         sigmas = get_schedule(num_inference_steps, noise.shape[-2] * noise.shape[-1])
         run = _Run(transformer, prompt_embeds, references, negative_embeds if cfg else None,
                    references if negative_references is _SAME else negative_references, guidance,
-                   reference_cache, notes)
+                   reference_cache, notes, embedded_guidance)
         return run(noise, sigmas, callback=callback, should_cancel=should_cancel)
     return _sample_edit(transformer, prompt_embeds, references, edit, num_inference_steps=num_inference_steps,
                         guidance=guidance, seed=seed, batch_size=batch_size,
                         negative_embeds=negative_embeds if cfg else None, negative_references=negative_references,
-                        reference_cache=reference_cache, notes=notes, callback=callback,
-                        should_cancel=should_cancel)
+                        reference_cache=reference_cache, notes=notes, embedded_guidance=embedded_guidance,
+                        callback=callback, should_cancel=should_cancel)
 
 
 class _Run:
     """The passes of one sampling run (positive, and negative for classifier-free guidance) around ``denoise``."""
 
     def __init__(self, transformer, embeds, references, negative_embeds, negative_references, guidance,
-                 reference_cache="auto", notes=None):
-        self.transformer, self.guidance = transformer, guidance
+                 reference_cache="auto", notes=None, embedded_guidance="same"):
+        self.transformer, self.guidance, self.embedded_guidance = transformer, guidance, embedded_guidance
         self.embeds, self.references = embeds, references
         self.negative_embeds, self.negative_references = negative_embeds, negative_references
         self.reference_cache, self.notes = reference_cache, notes if notes is not None else []
@@ -210,7 +211,8 @@ class _Run:
         kv = any(p.uses_kv for p in passes)
         with reference_kv_processors(self.transformer.model) if kv else contextlib.nullcontext():
             latents = denoise(self.transformer, noise, passes[0], sigmas=sigmas, guidance=self.guidance,
-                              negative=passes[1] if len(passes) > 1 else None, start=start, mask=mask,
+                              negative=passes[1] if len(passes) > 1 else None,
+                              embedded_guidance=self.embedded_guidance, start=start, mask=mask,
                               callback=callback, should_cancel=should_cancel)
         for p in passes:
             if p.plan.cached and p.cache is not None:
@@ -222,7 +224,7 @@ class _Run:
 
 
 def _sample_edit(transformer, embeds, references, edit: Edit, *, num_inference_steps, guidance, seed, batch_size,
-                 negative_embeds, negative_references, reference_cache, notes, callback,
+                 negative_embeds, negative_references, reference_cache, notes, embedded_guidance, callback,
                  should_cancel) -> torch.Tensor:
     start = check_latent(edit.latents, what="The start LATENT")
     h, w = start.shape[-2:]
@@ -248,7 +250,7 @@ def _sample_edit(transformer, embeds, references, edit: Edit, *, num_inference_s
         source = latent_references([clean])
     negative_refs = references if negative_references is _SAME else negative_references
     run = _Run(transformer, embeds, join_references(source, references), negative_embeds,
-               join_references(source, negative_refs), guidance, reference_cache, notes)
+               join_references(source, negative_refs), guidance, reference_cache, notes, embedded_guidance)
     sigmas = denoise_schedule(num_inference_steps, edit.denoise, (bottom - top) * (right - left))
     sampled = run(noise, sigmas, start=clean, mask=None if grid_mask is None else grid_mask[crop],
                   callback=callback, should_cancel=should_cancel)

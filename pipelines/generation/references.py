@@ -97,7 +97,9 @@ def prepare_reference(image, *, max_pixels: int = MEGAPIXEL, number: int = 1) ->
     left, top = (w - cw) // 2, (h - ch) // 2
     pil = to_rgb(pil.crop((left, top, left + cw, top + ch)))
     arr = np.asarray(pil, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+    # (1, H, W, 3) permuted, the memory layout diffusers' image processor gives the VAE: the convolutions then
+    # add in the same order, so the latents match to the last bit (see editing.encode_start).
+    return torch.from_numpy(arr).unsqueeze(0).permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
 def split_images(images) -> list:

@@ -92,6 +92,7 @@ def denoise(
     sigmas: torch.Tensor,
     guidance: float | None,
     negative=None,
+    embedded_guidance: float | None | str = "same",
     start: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     callback: StepCallback | None = None,
@@ -108,15 +109,18 @@ def denoise(
 
     ``callback(step, total, denoised)`` runs after each step with the model's current estimate of the
     clean latents, for previews; ``should_cancel()`` is checked before every step. With ``negative``
-    the velocity is ``uncond + guidance * (cond - uncond)`` ([klein] base, as diffusers does).
+    the velocity is ``uncond + guidance * (cond - uncond)`` ([klein] base, as diffusers does). [dev] embeds
+    ``embedded_guidance`` (by default ``guidance``; None leaves the guidance embedding out, as core ComfyUI's
+    FluxDisableGuidance does).
     """
     device = transformer.device
     b, _, h, w = noise.shape
     num_steps = len(sigmas) - 1
     sigmas = sigmas.to(device)
+    embedded = guidance if embedded_guidance == "same" else embedded_guidance
     g = None
-    if guidance is not None and transformer.guidance_embeds:
-        g = torch.full((b,), float(guidance), device=device, dtype=torch.float32)
+    if embedded is not None and transformer.guidance_embeds:
+        g = torch.full((b,), float(embedded), device=device, dtype=torch.float32)
     img_ids = latent_ids(b, h, w).to(device)
 
     noise = pack(noise.to(device, torch.float32))
