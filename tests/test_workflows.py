@@ -24,11 +24,13 @@ def load(path):
 
 @pytest.fixture(scope="module")
 def schemas(comfy):
-    """node id -> class: flux2kit's nodes and the headless runner's LoadImage (ComfyUI core's inputs)."""
+    """node id -> class: flux2kit's nodes and the headless runner's core nodes (LoadImage, GrowMask,
+    ImagePadForOutpaint: ComfyUI core's inputs)."""
+    from flux2kit.cli.core_nodes import core_nodes
     from flux2kit.cli.local_runner import load_image_node
     from flux2kit import nodes as pack
 
-    classes = {cls.define_schema().node_id: cls for cls in pack.node_list()}
+    classes = {cls.define_schema().node_id: cls for cls in [*pack.node_list(), *core_nodes()]}
     classes["LoadImage"] = load_image_node()
     return classes
 
@@ -51,8 +53,9 @@ def control_widgets(cls):
 
 
 def test_every_workflow_has_a_twin():
-    assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit",
-                     "json_prompt_palette", "text_to_image", "three_reference_edit"]
+    assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit", "image_to_image",
+                     "inpaint", "json_prompt_palette", "multi_reference_cached", "outpaint", "text_to_image",
+                     "three_reference_edit"]
     assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
 
 
@@ -151,8 +154,9 @@ def test_ui_workflow_is_valid_0_4(stem, schemas):
     for m in names.values():
         assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
         assert m["directory"] in ("diffusion_models", "vae", "text_encoders")
-    file_loaders = ("Flux2KitTransformerLoader", "Flux2KitVAELoader")
-    loader_files = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in file_loaders]
+    file_loaders = ("Flux2KitTransformerLoader", "Flux2KitVAELoader", "Flux2KitTextEncoderLoader")
+    loader_files = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in file_loaders
+                    and n["widgets_values"][0].endswith(".safetensors")]  # folders have no single download
     assert sorted(loader_files) == sorted(names)
 
 
@@ -196,23 +200,50 @@ def test_ui_and_api_twins_describe_the_same_graph(stem, schemas):
         assert node["inputs"] == expected[nid]["inputs"], nid
 
 
+DEV_FILES = {"Flux2KitTransformerLoader": "flux2_dev_fp8mixed.safetensors", "Flux2KitTextEncoderLoader": "FLUX.2-dev/",
+             "Flux2KitVAELoader": "flux2-vae.safetensors"}
+KLEIN_KV_FILES = {"Flux2KitTransformerLoader": "flux-2-klein-9b-kv.safetensors",
+                  "Flux2KitTextEncoderLoader": "qwen_3_8b.safetensors", "Flux2KitVAELoader": "flux2-vae.safetensors"}
+EDITS = {  # stem -> (runner, start image, mask source, denoise)
+    "image_to_image": ("Flux2KitSampler", "flux2kit_cottage.png", None, 0.75),
+    "inpaint": ("Flux2KitSampler", "flux2kit_cottage_inpaint.png", "GrowMask", 1.0),
+    "outpaint": ("Flux2KitGenerate", "flux2kit_cottage.png", "ImagePadForOutpaint", 1.0),
+}
+
+
 @pytest.mark.parametrize("stem", [s for s in STEMS if not s.startswith("api_")])  # API defaults: test_api_node.py
 def test_defaults_show_flux2(stem):
-    """28 steps, guidance 4, 1 MP, png; references named by number in the edit prompts."""
+    """[dev]: 28 steps, guidance 4; [klein] 9B KV: 4 steps, no guidance; 1 MP, png; references named by number in
+    the edit prompts; the editing workflows start from the shipped example images."""
     api = load(os.path.join(ROOT, "api", f"{stem}.json"))
     samplers = [n["inputs"] for n in api.values() if n["class_type"] in ("Flux2KitSampler", "Flux2KitGenerate")]
     assert len(samplers) == 1
     s = samplers[0]
-    assert (s["num_inference_steps"], s["guidance"], s["resolution"], s["width"], s["height"]) == (28, 4.0, "1 MP", 0, 0)
+    kv = stem == "multi_reference_cached"
+    assert (s["num_inference_steps"], s["guidance"], s["resolution"], s["width"], s["height"]) == (
+        (4, 1.0) if kv else (28, 4.0)) + ("1 MP", 0, 0)
     prompt = next(n["inputs"]["prompt"] for n in api.values() if "prompt" in n["inputs"])
     encoders = [n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitReferenceEncode"]
     refs = [k for inputs in [s, *encoders] for k in inputs if k.startswith("images.")]
     if "three_reference" in stem:
         assert sorted(refs) == ["images.image_1", "images.image_2", "images.image_3"]
         assert all(f"image {i}" in prompt for i in (1, 2, 3)) and s["aspect_ratio"] == "match_input_image"
+    elif kv:
+        assert sorted(refs) == ["images.image_1", "images.image_2"] and s["reference_cache"] == "auto"
+        assert all(f"image {i}" in prompt for i in (1, 2)) and s["aspect_ratio"] == "match_input_image"
     else:
         assert not refs and s["aspect_ratio"] == "1:1"
     model_names = {n["class_type"]: list(n["inputs"].values())[0] for n in api.values()
                    if n["class_type"].endswith("Loader")}
-    assert model_names == {"Flux2KitTransformerLoader": "flux2_dev_fp8mixed.safetensors",
-                           "Flux2KitTextEncoderLoader": "FLUX.2-dev/", "Flux2KitVAELoader": "flux2-vae.safetensors"}
+    assert model_names == (KLEIN_KV_FILES if kv else DEV_FILES)
+    if kv:
+        loader = next(n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitTransformerLoader")
+        assert loader["klein_mode"] == "kv"
+    if stem in EDITS:
+        runner, image, mask_node, denoise = EDITS[stem]
+        node = next(n for n in api.values() if n["class_type"] == runner)["inputs"]
+        images = {n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"}
+        assert images == {image} and os.path.isfile(os.path.join(ROOT, "assets", image))
+        assert node["denoise"] == denoise and node["paste_back"] is True and node["source_as_reference"] is True
+        assert (mask_node is None) == all(n["class_type"] not in ("GrowMask", "ImagePadForOutpaint")
+                                          for n in api.values())
