@@ -13,6 +13,7 @@ import time
 
 from ..pipelines.errors import Flux2KitError
 from .comfy_client import ComfyClient, Refused, Unreachable, history_error, output_items, prompt_errors, server_error
+from .local_runner import EXAMPLE_ASSETS
 from .terminal import say
 from .workflow.graph import id_key
 
@@ -55,9 +56,13 @@ class ServerRunner:
         workflow = copy.deepcopy(workflow)
         for nid, node in sorted(workflow.items(), key=lambda kv: id_key(kv[0])):
             value = node["inputs"].get("image")
-            if node["class_type"] == "LoadImage" and isinstance(value, str) and os.path.isfile(value):
-                node["inputs"]["image"] = self.upload_image(value)
-                self.log(f"Uploaded {value} for node #{nid} as {node['inputs']['image']!r}.")
+            if node["class_type"] != "LoadImage" or not isinstance(value, str):
+                continue
+            # a local file, or one of the shipped workflows' example images (which a server does not have)
+            path = value if os.path.isfile(value) else os.path.join(EXAMPLE_ASSETS, value)
+            if os.path.isfile(path):
+                node["inputs"]["image"] = self.upload_image(path)
+                self.log(f"Uploaded {path} for node #{nid} as {node['inputs']['image']!r}.")
         events = None
         try:
             events = self.client.events(timeout=1.0)

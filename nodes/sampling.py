@@ -6,19 +6,13 @@ from comfy_api.latest import io
 
 from ..pipelines import parameters as P
 from ..pipelines.errors import Flux2KitError
-from ..pipelines.generation.editing import (
-    PASTE_KEY,
-    edit_from_latent,
-    latent_dict,
-    paste_back,
-    source_pixels,
-)
-from ..pipelines.generation.generate import decode, sample
 from ..pipelines.generation.conditioning import SAME, sampler_conditioning
+from ..pipelines.generation.editing import PASTE_KEY, edit_from_latent, latent_dict, paste_back, source_pixels
+from ..pipelines.generation.generate import decode, sample
+from ..pipelines.generation.reference_cache import estimate_bytes
 from ..pipelines.generation.request import check_text_encoder_fits
 from ..pipelines.prompting.json_prompt import check_reference_mentions
 from . import services
-from ..pipelines.generation.reference_cache import estimate_bytes
 from .editing import edit_inputs, reference_cache_input
 from .types import CATEGORY, VAE, Conditioning, References, Transformer
 

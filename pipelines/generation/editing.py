@@ -52,7 +52,6 @@ class Edit:
         return not bool(torch.count_nonzero(self.latents))
 
 
-
 def mask_is_empty(pixel_mask: torch.Tensor, grid: tuple[int, int], mode: str = "binary") -> bool:
     """True when the mask marks no latent cell for repainting (so sampling would change nothing)."""
     return not bool((latent_mask(pixel_mask, grid, mode) > 0).any())

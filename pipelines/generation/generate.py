@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..models.reference_kv import reference_kv_processors
 from ..parameters import DEFAULTS, check_denoise, check_generation, make_noise
 from .editing import (
     Edit,
@@ -27,7 +28,6 @@ from .editing import (
     mask_box,
     paste_back,
 )
-from ..models.reference_kv import reference_kv_processors
 from .passes import ModelPass
 from .reference_cache import plan_references
 from .references import References, encode_references, join_references, latent_references

@@ -137,3 +137,25 @@ def test_shipped_example_images_are_what_the_script_draws():
     result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "draw_example_images.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_server_run_uploads_the_example_images(tmp_path):
+    """``flux2kit run --server``: a ComfyUI server does not have the example images, so they are uploaded."""
+    import io
+
+    from test_headless import RUN_EVENTS, FakeComfyUI  # the fake ComfyUI server of the headless tests
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (16, 16)).save(buffer, format="PNG")
+    FakeComfyUI.PNG = buffer.getvalue()
+    server = FakeComfyUI(RUN_EVENTS)
+    try:
+        from flux2kit.cli.server_runner import ServerRunner
+
+        ServerRunner(server.url, str(tmp_path), log=lambda m: None).run(workflow("inpaint"))
+        sent = server.prompts[0]["prompt"]
+        assert sent["5"]["inputs"]["image"] == "flux2kit/flux2kit_cottage_inpaint.png"
+        with open(os.path.join(ASSETS, "flux2kit_cottage_inpaint.png"), "rb") as f:
+            assert server.uploads["flux2kit_cottage_inpaint.png"] == f.read()
+    finally:
+        server.close()
