@@ -397,8 +397,8 @@ def test_a_stop_between_the_record_and_the_post_never_duplicates(servers, tmp_pa
     # ... and the POST of job 1 got there just before the kill
     from flux2kit.cli.comfy_client import ComfyClient
 
-    ComfyClient(server.url).queue_prompt(jobs[0]["workflow"], prompt_id=reached, extra_data={
-        "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}})
+    ComfyClient(server.url).queue_prompt(jobs[0].workflow, prompt_id=reached, extra_data={
+        "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0].name}})
     messages = []
     summary = Batch(jobs, out, [server.url], log=messages.append).run()
     assert summary["done"] == 3 and summary["failed"] == 0
@@ -449,7 +449,7 @@ def test_a_job_lost_more_often_than_retries_allow_fails_with_the_reason(servers,
     summary = Batch(jobs, out, [server.url], retry_failed=True, log=lambda m: None).run()
     assert summary["done"] == 2 and summary["failed"] == 0 and summary["done_this_run"] == 1
     assert [e["job"] for e in server.executions() if e["event"] == "done" and e["name"] in
-            {j["name"] for j in jobs}] == [2, 1]
+            {j.name for j in jobs}] == [2, 1]
 
 
 def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(servers, tmp_path):
@@ -483,8 +483,8 @@ def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(server
 
     def arrive():
         time.sleep(1.5)
-        ComfyClient(server.url).queue_prompt(jobs[0]["workflow"], prompt_id=late, extra_data={
-            "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}})
+        ComfyClient(server.url).queue_prompt(jobs[0].workflow, prompt_id=late, extra_data={
+            "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0].name}})
 
     thread = threading.Thread(target=arrive)
     thread.start()

@@ -12,7 +12,8 @@ import uuid
 from ...pipelines.errors import Flux2KitError
 from ..comfy_client import Refused, Unreachable, history_error, output_items, prompt_errors
 from ..terminal import say
-from .manifest import Manifest, fingerprint
+from .manifest import Manifest
+from .records import Job
 from .targets import LOCAL, Local, Server
 
 POLL_SECONDS = 0.5
@@ -26,9 +27,9 @@ ARRIVAL_GRACE_SECONDS = 30.0
 class Batch:
     """Dispatches the jobs to the targets, follows them, collects their images; resumes from the manifest."""
 
-    def __init__(self, jobs: list[dict], out_dir: str, servers: list[str], local_runner=None, *, per_server: int = 2,
+    def __init__(self, jobs: list[Job], out_dir: str, servers: list[str], local_runner=None, *, per_server: int = 2,
                  retries: int = 2, json_events: bool = False, retry_failed: bool = False, log=say, workflow_name=""):
-        self.jobs = {j["index"]: j for j in jobs}
+        self.jobs = {j.index: j for j in jobs}
         self.out_dir = os.path.abspath(out_dir)
         self.manifest = Manifest(self.out_dir)  # first: it refuses a folder another batch command is using
         self.retries, self.json_events, self.log = retries, json_events, log
@@ -62,14 +63,14 @@ class Batch:
         known = self.manifest.jobs()
         inserts = []
         for index, job in self.jobs.items():
-            fp = fingerprint(job)
+            fp = job.fingerprint()
             old = known.get(index)
             if old is None:
                 inserts.append(("INSERT INTO jobs (job, name, row, fingerprint, inputs, state) VALUES (?, ?, ?, ?, ?, "
-                                "'pending')", (index, job["name"], job["row"], fp, json.dumps(_inputs_record(job)))))
+                                "'pending')", (index, job.name, job.row, fp, json.dumps(job.inputs()))))
             elif old["fingerprint"] != fp:
                 raise Flux2KitError(f"{self.out_dir} holds a batch whose job {index} ({old['name']}) had other "
-                                    f"inputs than now ({job['name']}). Resume with the same workflow, inputs, --sweep "
+                                    f"inputs than now ({job.name}). Resume with the same workflow, inputs, --sweep "
                                     f"and --set, or use another --out folder for a new batch.")
         if inserts:
             self.manifest.many(inserts)
@@ -278,15 +279,15 @@ class Batch:
         server.busy += 1
         server.assigned += 1
         try:
-            workflow = json.loads(json.dumps(job["workflow"]))
-            for key, path in job["images"].items():
+            workflow = json.loads(json.dumps(job.workflow))
+            for key, path in job.images.items():
                 nid, _, name = key.partition(".")
                 workflow[nid]["inputs"][name] = server.upload(path)
             server.client.queue_prompt(workflow, prompt_id=prompt_id, extra_data={
-                "flux2kit_batch": {"batch": self.batch_id, "job": index, "name": job["name"]}})
+                "flux2kit_batch": {"batch": self.batch_id, "job": index, "name": job.name}})
         except Refused as e:
             del server.inflight[prompt_id]
-            message = prompt_errors(job["workflow"], e.body, e.code) if e.code == 400 else str(e)
+            message = prompt_errors(job.workflow, e.body, e.code) if e.code == 400 else str(e)
             self._fail(index, prompt_id, message)
             return
         except OSError as e:  # a reference image gone or unreadable here (HTTP trouble is Unreachable): not the server
@@ -298,7 +299,7 @@ class Batch:
             return
         self._set(index, state="queued", attempts=s["attempts"] + 1)
         self._attempt(prompt_id, "queued")
-        self._event(event="job", state="submitted", job=index, name=job["name"], target=server.url,
+        self._event(event="job", state="submitted", job=index, name=job.name, target=server.url,
                     prompt_id=prompt_id)
 
     def _submit_local(self, index: int) -> None:
@@ -306,8 +307,8 @@ class Batch:
                   submitted=time.time())
         self.local.current = index
         self.local.assigned += 1
-        self._event(event="job", state="submitted", job=index, name=self.jobs[index]["name"], target=LOCAL)
-        self.local.jobs.put((index, self.jobs[index]["workflow"]))
+        self._event(event="job", state="submitted", job=index, name=self.jobs[index].name, target=LOCAL)
+        self.local.jobs.put((index, self.jobs[index].workflow))
 
     def _poll_local(self) -> None:
         if self.local is None:
@@ -359,12 +360,12 @@ class Batch:
 
     def _write_output(self, index: int, k: int, count: int, ext: str, data: bytes, origin: dict | None) -> str:
         job = self.jobs[index]
-        stem = job["name"] + (f"-{k + 1}" if count > 1 else "")
+        stem = job.name + (f"-{k + 1}" if count > 1 else "")
         path = os.path.join(self.out_dir, stem + (ext or ".png"))
         _atomic_write(path, data)
-        sidecar = {"name": job["name"], "job": index, "row": job["row"], "image": os.path.basename(path),
-                   "image_index": k, "workflow": self.workflow_name, "values": job["values"], **job["meta"],
-                   "set": job["set"], "target": (origin or {}).get("target", LOCAL),
+        sidecar = {"name": job.name, "job": index, "row": job.row, "image": os.path.basename(path),
+                   "image_index": k, "workflow": self.workflow_name, "values": job.values, **job.meta,
+                   "set": job.assigned, "target": (origin or {}).get("target", LOCAL),
                    "prompt_id": (origin or {}).get("prompt_id"), "batch": self.batch_id,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _atomic_write(os.path.join(self.out_dir, stem + ".json"),
@@ -434,10 +435,6 @@ class Batch:
         self.manifest.close()
         return summary
 
-
-
-def _inputs_record(job: dict) -> dict:
-    return {"values": job["values"], "meta": job["meta"], "set": job["set"], "images": job["images"]}
 
 
 def _atomic_write(path: str, data: bytes) -> None:

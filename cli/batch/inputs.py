@@ -12,6 +12,7 @@ from ...pipelines.errors import Flux2KitError
 from ..workflow.graph import find_node, id_key, is_link
 from ..workflow.overrides import parse_value
 from ..workflow.schema import check_workflow, combo_options, input_names, is_image_input, spec_of, spec_type
+from .records import Job
 
 ALIASES = {"steps": "num_inference_steps"}
 NAME_WIDTH = 5
@@ -89,8 +90,8 @@ class Plan:
         self.workflow, self.sweeps, self.settings, self.base_dir = workflow, sweeps, settings, base_dir
         self.rows = rows if rows is not None else [(None, {})]
 
-    def jobs(self, object_info: dict) -> tuple[list[dict], list[tuple[int | None, str]]]:
-        """(jobs, problems): each job {index, row, values, meta, name, workflow, images, set}."""
+    def jobs(self, object_info: dict) -> tuple[list[Job], list[tuple[int | None, str]]]:
+        """(jobs, problems): every job planned, and what is wrong with the inputs (nothing runs if anything is)."""
         jobs, problems = [], []
         fixed = {}
         for setting in self.settings:
@@ -120,9 +121,8 @@ class Plan:
                     object_info.get(wf[nid]["class_type"]) or {}, name))
                 problems += [(row_number if row_number is not None else -index, p) for p in own]
                 name = job_name(index, meta.get("_name"), values, images)
-                jobs.append({"index": index, "row": row_number, "values": values, "meta": meta, "name": name,
-                             "workflow": wf, "images": {f"{nid}.{inp}": p for (nid, inp), p in images.items()},
-                             "set": assigned})
+                jobs.append(Job(index=index, row=row_number, values=values, meta=meta, name=name, workflow=wf,
+                                images={f"{nid}.{inp}": p for (nid, inp), p in images.items()}, assigned=assigned))
         return jobs, problems
 
     def _apply(self, wf, key, value, object_info, assigned, images, base_dir, text) -> list[str]:

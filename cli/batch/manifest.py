@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -90,8 +89,3 @@ class Manifest:
     def close(self) -> None:
         self.db.close()
         self._lock_file.close()  # releases the lock
-
-
-def fingerprint(job: dict) -> str:
-    data = json.dumps({"workflow": job["workflow"], "name": job["name"]}, sort_keys=True, default=str)
-    return hashlib.sha256(data.encode()).hexdigest()
