@@ -24,8 +24,9 @@ Values take the type of the input they set (CSV text is parsed); an empty cell o
 the workflow's value. An image input (LoadImage's ``image``) takes a path, relative to the inputs
 file's folder, uploaded to each server that runs a job needing it.
 
-Modules: ``inputs`` (rows, sweeps, keys -> jobs, checked), ``manifest`` (SQLite), ``targets`` (the
-targets: a ComfyUI server through the client, or in-process), ``dispatch`` (the loop); this file is the command.
+Modules: ``inputs`` (rows, sweeps, keys -> jobs, checked), ``records`` (the job, its states, its manifest
+row), ``manifest`` (SQLite: all of the batch's SQL), ``targets`` (the targets: a ComfyUI server through the
+client, or in-process), ``dispatch`` (the loop); this file is the command.
 """
 
 
