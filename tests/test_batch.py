@@ -104,7 +104,8 @@ def png(path, size=(32, 32), seed=0):
 # -- the pieces --------------------------------------------------------------------------------------
 
 def test_sweeps_keys_and_the_problem_report(tmp_path):
-    from flux2kit.cli.batch.inputs import job_name as _job_name, targets_of as _targets, parse_sweep, problem_report, read_rows
+    from flux2kit.cli.batch.inputs import Problem, job_name as _job_name, targets_of as _targets, parse_sweep, \
+        problem_report, read_rows
     from flux2kit.cli.workflow.files import load_workflow
 
     assert parse_sweep("seed=1..5") == ("seed", [1, 2, 3, 4, 5])
@@ -131,8 +132,14 @@ def test_sweeps_keys_and_the_problem_report(tmp_path):
     assert rows[0] == (1, {"seed": 1}) and rows[3] == (4, {"prompt": "x"})  # blank lines skipped; null: keep
     assert rows[1][0] == 2 and rows[1][1].startswith("not valid JSON")
     assert rows[2] == (3, "a JSON list, not an object of key: value")
-    report = problem_report([(1, "a"), (2, "a"), (3, "a"), (5, "b"), (6, "b"), (8, "b"), (2, "c")], total_rows=3)
+    report = problem_report([Problem(row, row, message) for row, message in
+                             [(1, "a"), (2, "a"), (3, "a"), (5, "b"), (6, "b"), (8, "b"), (2, "c")]], total_rows=3)
     assert report.splitlines() == ["  every row: a", "  rows 5-6, 8: b", "  row 2: c"]
+    # a row that makes no job still names its row; without an inputs file, the jobs are named
+    assert problem_report([Problem(4, None, "not valid JSON"), Problem(4, 7, "x"), Problem(4, 8, "x")],
+                          total_rows=4) == "  row 4: not valid JSON\n  row 4: x"
+    assert problem_report([Problem(None, 2, "x"), Problem(None, 3, "x"), Problem(None, 5, "x"), Problem(None, 1, "y")],
+                          total_rows=5) == "  jobs 2-3, 5: x\n  job 1: y"
 
 
 def test_ui_workflows_convert_to_their_api_twins_with_the_servers_object_info(servers):

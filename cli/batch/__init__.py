@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 from ...pipelines.errors import Flux2KitError
 from ..comfy_client import ComfyClient, Refused, Unreachable
@@ -95,7 +96,7 @@ def batch_command(args) -> dict:
     common = set.intersection(*(set(issues) for issues in found.values()))
     problems = [p for p in next(iter(found.values())) if p in common]
     for where, issues in found.items():
-        problems += [(row, f"on {where}: {message}") for row, message in issues if (row, message) not in common]
+        problems += [replace(p, message=f"on {where}: {p.message}") for p in issues if p not in common]
     if not jobs and not problems:
         raise Flux2KitError("No jobs: the inputs file has no rows.")
     if problems:
