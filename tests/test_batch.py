@@ -551,6 +551,27 @@ def test_two_commands_on_one_folder_and_bad_options_are_refused(tmp_path):
     assert check_value(["FLOAT", {"min": 0.0, "max": 10.0}], float("nan")) == "must be a number, got nan"
 
 
+def test_the_folder_lock_is_freed_on_close_and_when_the_manifest_cannot_open(tmp_path):
+    from flux2kit.cli.batch.manifest import Manifest
+
+    out = tmp_path / "out"
+    holder = "from flux2kit.cli.batch.manifest import Manifest; import sys; Manifest(sys.argv[1]).close()"
+    with Manifest(str(out)):
+        other = subprocess.run([sys.executable, "-c", holder, str(out)], capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and "Another flux2kit batch command is using" in other.stderr  # another command
+    other = subprocess.run([sys.executable, "-c", holder, str(out)], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr  # free once the first is closed
+    first = Manifest(str(out))
+    first.close()
+    first.close()  # closing again does nothing
+    os.remove(out / "batch.sqlite")
+    os.mkdir(out / "batch.sqlite")  # the database cannot be opened...
+    with pytest.raises(sqlite3.Error):
+        Manifest(str(out))
+    os.rmdir(out / "batch.sqlite")
+    Manifest(str(out)).close()  # ... and the failed open did not keep the folder locked
+
+
 def test_a_reference_image_gone_before_its_upload_fails_the_job_not_the_server(servers, tmp_path):
     from flux2kit.cli.batch.dispatch import Batch
     from flux2kit.cli.batch.inputs import Plan

@@ -101,6 +101,14 @@ class Batch:
     # -- the loop
 
     def run(self) -> dict:
+        """Run every job to done or failed (waiting while every server is down); returns the summary."""
+        try:
+            self._run_until_finished()
+            return self._summary()
+        finally:
+            self.manifest.close()  # frees the folder, also when stopped (Ctrl-C) or failing
+
+    def _run_until_finished(self) -> None:
         for server in self.servers.values():
             server.watch()
         try:
@@ -124,7 +132,6 @@ class Batch:
                 server.stop()
             if self.local is not None:
                 self.local.stop()
-        return self._summary()
 
     def _usable(self) -> bool:
         return (self.local is not None) or any(s.alive and s.submit for s in self.servers.values())
@@ -413,7 +420,6 @@ class Batch:
                  f"{_duration(elapsed)} ({summary['images_per_minute']} images/min this run). Images in "
                  f"{self.out_dir}.")
         self._event(event="summary", **summary)
-        self.manifest.close()
         return summary
 
 

@@ -14,13 +14,10 @@ import threading
 import time
 import uuid
 
+from filelock import FileLock, Timeout
+
 from ...pipelines.errors import Flux2KitError
 from .records import AttemptState, Job, JobRecord, JobState
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory lock
-    fcntl = None
 
 MANIFEST = "batch.sqlite"
 LOCK = "batch.lock"
@@ -45,27 +42,41 @@ class Manifest:
 
     def __init__(self, folder: str):
         os.makedirs(folder, exist_ok=True)
-        # One batch command per folder: two would both submit the pending jobs (each run twice).
-        self._lock_file = open(os.path.join(folder, LOCK), "a")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._lock_file.close()
-                raise Flux2KitError(f"Another flux2kit batch command is using {folder} (it holds {LOCK}). Let it "
-                                    f"finish or stop it first; running both would submit the same jobs "
-                                    f"twice.") from None
+        # One batch command per folder: two would both submit the pending jobs (each run twice). timeout=0: refuse
+        # at once rather than wait. Not thread-local: the lock is the command's, whichever thread closes the manifest.
+        self._folder_lock = FileLock(os.path.join(folder, LOCK), timeout=0, thread_local=False)
+        try:
+            self._folder_lock.acquire()
+        except Timeout:
+            raise Flux2KitError(f"Another flux2kit batch command is using {folder} (it holds {LOCK}). Let it "
+                                f"finish or stop it first; running both would submit the same jobs "
+                                f"twice.") from None
         self.path = os.path.join(folder, MANIFEST)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(self.SCHEMA)
+        self.db = None
         self._lock = threading.Lock()
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(self.SCHEMA)
+        except BaseException:
+            self.close()  # a manifest that cannot be opened must not keep the folder locked
+            raise
 
     def close(self) -> None:
-        """Close the database and free the folder for another batch command."""
-        self.db.close()
-        self._lock_file.close()  # releases the lock
+        """Close the database and free the folder for another batch command; closing again does nothing."""
+        try:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+        finally:
+            self._folder_lock.release()
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- the batch
 
