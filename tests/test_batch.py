@@ -572,6 +572,79 @@ def test_the_folder_lock_is_freed_on_close_and_when_the_manifest_cannot_open(tmp
     Manifest(str(out)).close()  # ... and the failed open did not keep the folder locked
 
 
+def test_the_stored_state_strings_never_change():
+    from flux2kit.cli.batch.records import AttemptState, JobState
+
+    assert [s.value for s in JobState] == ["pending", "submitting", "queued", "running", "done", "failed"]
+    assert [s.value for s in AttemptState] == ["submitting", "queued", "never arrived", "abandoned", "lost", "failed",
+                                               "done"]
+
+
+# The manifest's schema as the first versions wrote it, kept verbatim: folders they left behind must resume.
+EARLIER_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+    CREATE TABLE IF NOT EXISTS jobs (
+        job INTEGER PRIMARY KEY, name TEXT NOT NULL, row INTEGER, fingerprint TEXT NOT NULL, inputs TEXT NOT NULL,
+        state TEXT NOT NULL, target TEXT, prompt_id TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+        outputs TEXT, error TEXT, submitted REAL, finished REAL);
+    CREATE TABLE IF NOT EXISTS attempts (
+        prompt_id TEXT PRIMARY KEY, job INTEGER NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL,
+        reason TEXT, time REAL NOT NULL);
+    """
+
+
+def test_a_manifest_an_earlier_version_wrote_resumes(tmp_path):
+    import hashlib
+
+    from flux2kit.cli.batch.dispatch import Batch
+    from flux2kit.cli.batch.manifest import Manifest
+    from flux2kit.cli.batch.records import Job, JobState
+
+    workflow = load_api("text_to_image")
+    jobs = [Job(index=i, row=None, values={"seed": i}, meta={}, name=f"0000{i}-seed-{i}", workflow=workflow,
+                images={}, assigned={"5.seed": i}) for i in (1, 2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    url, other = "http://127.0.0.1:8188", "http://127.0.0.1:8189"
+    db = sqlite3.connect(out / "batch.sqlite")
+    with db:  # as an earlier version left it: its fingerprint, its JSON, its state strings
+        db.executescript(EARLIER_SCHEMA)
+        db.execute("INSERT INTO meta VALUES ('batch_id', ?), ('workflow', ?)", (json.dumps("b" * 32), '"t.json"'))
+        for number, state in enumerate(["done", "failed", "pending", "submitting", "queued", "running"], start=1):
+            name = f"0000{number}-seed-{number}"
+            fingerprint = hashlib.sha256(json.dumps({"workflow": workflow, "name": name}, sort_keys=True,
+                                                    default=str).encode()).hexdigest()
+            db.execute("INSERT INTO jobs (job, name, fingerprint, inputs, state, target, attempts, outputs, error) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                       (number, name, fingerprint, json.dumps({"values": {"seed": number}}), state, url,
+                        json.dumps([str(out / f"{name}.png")]) if state == "done" else None,
+                        "boom" if state == "failed" else None))
+        db.executemany("INSERT INTO attempts (prompt_id, job, target, state, reason, time) VALUES (?, ?, ?, ?, ?, 0)",
+                       [("p1", 1, url, "done", None), ("p0", 1, url, "lost", "gone"), ("p2", 2, url, "failed", "boom"),
+                        ("p3", 2, other, "abandoned", "down"), ("p4", 1, url, "never arrived", None)])
+    db.close()
+    with Manifest(str(out)) as manifest:
+        records = manifest.records()
+        assert [records[i].state for i in range(1, 7)] == [JobState.DONE, JobState.FAILED, JobState.PENDING,
+                                                           JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING]
+        assert records[1].outputs == [str(out / "00001-seed-1.png")] and records[2].error == "boom"
+        assert records[1].inputs == {"values": {"seed": 1}} and records[2].outputs is None
+        assert manifest.stale_prompts(url) == ["p0"] and manifest.stale_prompts(other) == ["p3"]
+        assert manifest.done_per_target() == {url: 1}
+        assert manifest.batch_id("another.json") == "b" * 32  # kept, not made again
+    # resumed with two of its jobs (done and failed): nothing to run, the summary as recorded
+    messages = []
+    summary = Batch(jobs, out, [], log=messages.append).run()
+    assert (summary["done"], summary["failed"], summary["jobs"], summary["done_this_run"]) == (1, 1, 2, 0)
+    assert summary["per_target"] == {url: 1} and summary["failures"] == {"00002-seed-2": "boom"}
+    assert any(m.startswith("Resuming") and "1 done, 0 to look up" in m for m in messages)
+    # other inputs are refused, and the refusal leaves the folder free
+    changed = Job(**{**vars(jobs[0]), "workflow": {**workflow, "9": {"class_type": "X", "inputs": {}}}})
+    with pytest.raises(Flux2KitError, match="holds a batch whose job 1"):
+        Batch([changed], out, [], log=messages.append)
+    Manifest(str(out)).close()
+
+
 def test_a_reference_image_gone_before_its_upload_fails_the_job_not_the_server(servers, tmp_path):
     from flux2kit.cli.batch.dispatch import Batch
     from flux2kit.cli.batch.inputs import Plan
