@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 
 from filelock import FileLock, Timeout
 
@@ -99,7 +100,7 @@ class Manifest:
                        (job.index, job.name, job.row, job.fingerprint(), json.dumps(job.inputs()),
                         JobState.PENDING.value)) for job in jobs])
 
-    def retry_failed(self, records) -> None:
+    def retry_failed(self, records: Iterable[JobRecord]) -> None:
         """--retry-failed: the failed ones among ``records`` pending again, their attempts counted from 0."""
         again = [r for r in records if r.state is JobState.FAILED]
         self._commit([_update(r.job, state=JobState.PENDING, attempts=0, error=None) for r in again])
@@ -184,10 +185,10 @@ def _apply(record: JobRecord, **changes) -> None:
 
 
 def _stored(column: str, value):
-    """A record's value as the column holds it: states as their strings, lists and dicts as JSON."""
+    """A record's value as the column holds it: a state as its string, the outputs as a JSON list."""
     if isinstance(value, JobState):
         return value.value
-    if column in ("outputs", "inputs") and value is not None:
+    if column == "outputs" and value is not None:
         return json.dumps(value)
     return value
 
