@@ -104,7 +104,8 @@ def png(path, size=(32, 32), seed=0):
 # -- the pieces --------------------------------------------------------------------------------------
 
 def test_sweeps_keys_and_the_problem_report(tmp_path):
-    from flux2kit.cli.batch.inputs import job_name as _job_name, targets_of as _targets, parse_sweep, problem_report, read_rows
+    from flux2kit.cli.batch.inputs import Problem, job_name as _job_name, targets_of as _targets, parse_sweep, \
+        problem_report, read_rows
     from flux2kit.cli.workflow.files import load_workflow
 
     assert parse_sweep("seed=1..5") == ("seed", [1, 2, 3, 4, 5])
@@ -131,8 +132,14 @@ def test_sweeps_keys_and_the_problem_report(tmp_path):
     assert rows[0] == (1, {"seed": 1}) and rows[3] == (4, {"prompt": "x"})  # blank lines skipped; null: keep
     assert rows[1][0] == 2 and rows[1][1].startswith("not valid JSON")
     assert rows[2] == (3, "a JSON list, not an object of key: value")
-    report = problem_report([(1, "a"), (2, "a"), (3, "a"), (5, "b"), (6, "b"), (8, "b"), (2, "c")], total_rows=3)
+    report = problem_report([Problem(row, row, message) for row, message in
+                             [(1, "a"), (2, "a"), (3, "a"), (5, "b"), (6, "b"), (8, "b"), (2, "c")]], total_rows=3)
     assert report.splitlines() == ["  every row: a", "  rows 5-6, 8: b", "  row 2: c"]
+    # a row that makes no job still names its row; without an inputs file, the jobs are named
+    assert problem_report([Problem(4, None, "not valid JSON"), Problem(4, 7, "x"), Problem(4, 8, "x")],
+                          total_rows=4) == "  row 4: not valid JSON\n  row 4: x"
+    assert problem_report([Problem(None, 2, "x"), Problem(None, 3, "x"), Problem(None, 5, "x"), Problem(None, 1, "y")],
+                          total_rows=5) == "  jobs 2-3, 5: x\n  job 1: y"
 
 
 def test_ui_workflows_convert_to_their_api_twins_with_the_servers_object_info(servers):
@@ -397,8 +404,8 @@ def test_a_stop_between_the_record_and_the_post_never_duplicates(servers, tmp_pa
     # ... and the POST of job 1 got there just before the kill
     from flux2kit.cli.comfy_client import ComfyClient
 
-    ComfyClient(server.url).queue_prompt(jobs[0]["workflow"], prompt_id=reached, extra_data={
-        "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}})
+    ComfyClient(server.url).queue_prompt(jobs[0].workflow, prompt_id=reached, extra_data={
+        "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0].name}})
     messages = []
     summary = Batch(jobs, out, [server.url], log=messages.append).run()
     assert summary["done"] == 3 and summary["failed"] == 0
@@ -449,7 +456,7 @@ def test_a_job_lost_more_often_than_retries_allow_fails_with_the_reason(servers,
     summary = Batch(jobs, out, [server.url], retry_failed=True, log=lambda m: None).run()
     assert summary["done"] == 2 and summary["failed"] == 0 and summary["done_this_run"] == 1
     assert [e["job"] for e in server.executions() if e["event"] == "done" and e["name"] in
-            {j["name"] for j in jobs}] == [2, 1]
+            {j.name for j in jobs}] == [2, 1]
 
 
 def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(servers, tmp_path):
@@ -483,8 +490,8 @@ def test_a_prompt_a_slow_server_queues_late_is_re_attached_not_sent_again(server
 
     def arrive():
         time.sleep(1.5)
-        ComfyClient(server.url).queue_prompt(jobs[0]["workflow"], prompt_id=late, extra_data={
-            "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0]["name"]}})
+        ComfyClient(server.url).queue_prompt(jobs[0].workflow, prompt_id=late, extra_data={
+            "flux2kit_batch": {"batch": bid, "job": 1, "name": jobs[0].name}})
 
     thread = threading.Thread(target=arrive)
     thread.start()
@@ -542,6 +549,100 @@ def test_two_commands_on_one_folder_and_bad_options_are_refused(tmp_path):
                               "--server", "http://127.0.0.1:9", "--per-server", 0, "--sweep", "seed=1..2")
     assert code == 2 and "--per-server must be 1 or more" in stderr
     assert check_value(["FLOAT", {"min": 0.0, "max": 10.0}], float("nan")) == "must be a number, got nan"
+
+
+def test_the_folder_lock_is_freed_on_close_and_when_the_manifest_cannot_open(tmp_path):
+    from flux2kit.cli.batch.manifest import Manifest
+
+    out = tmp_path / "out"
+    holder = "from flux2kit.cli.batch.manifest import Manifest; import sys; Manifest(sys.argv[1]).close()"
+    with Manifest(str(out)):
+        other = subprocess.run([sys.executable, "-c", holder, str(out)], capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and "Another flux2kit batch command is using" in other.stderr  # another command
+    other = subprocess.run([sys.executable, "-c", holder, str(out)], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr  # free once the first is closed
+    first = Manifest(str(out))
+    first.close()
+    first.close()  # closing again does nothing
+    os.remove(out / "batch.sqlite")
+    os.mkdir(out / "batch.sqlite")  # the database cannot be opened...
+    with pytest.raises(sqlite3.Error):
+        Manifest(str(out))
+    os.rmdir(out / "batch.sqlite")
+    Manifest(str(out)).close()  # ... and the failed open did not keep the folder locked
+
+
+def test_the_stored_state_strings_never_change():
+    from flux2kit.cli.batch.records import AttemptState, JobState
+
+    assert [s.value for s in JobState] == ["pending", "submitting", "queued", "running", "done", "failed"]
+    assert [s.value for s in AttemptState] == ["submitting", "queued", "never arrived", "abandoned", "lost", "failed",
+                                               "done"]
+
+
+# The manifest's schema as the first versions wrote it, kept verbatim: folders they left behind must resume.
+EARLIER_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+    CREATE TABLE IF NOT EXISTS jobs (
+        job INTEGER PRIMARY KEY, name TEXT NOT NULL, row INTEGER, fingerprint TEXT NOT NULL, inputs TEXT NOT NULL,
+        state TEXT NOT NULL, target TEXT, prompt_id TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+        outputs TEXT, error TEXT, submitted REAL, finished REAL);
+    CREATE TABLE IF NOT EXISTS attempts (
+        prompt_id TEXT PRIMARY KEY, job INTEGER NOT NULL, target TEXT NOT NULL, state TEXT NOT NULL,
+        reason TEXT, time REAL NOT NULL);
+    """
+
+
+def test_a_manifest_an_earlier_version_wrote_resumes(tmp_path):
+    import hashlib
+
+    from flux2kit.cli.batch.dispatch import Batch
+    from flux2kit.cli.batch.manifest import Manifest
+    from flux2kit.cli.batch.records import Job, JobState
+
+    workflow = load_api("text_to_image")
+    jobs = [Job(index=i, row=None, values={"seed": i}, meta={}, name=f"0000{i}-seed-{i}", workflow=workflow,
+                images={}, assigned={"5.seed": i}) for i in (1, 2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    url, other = "http://127.0.0.1:8188", "http://127.0.0.1:8189"
+    db = sqlite3.connect(out / "batch.sqlite")
+    with db:  # as an earlier version left it: its fingerprint, its JSON, its state strings
+        db.executescript(EARLIER_SCHEMA)
+        db.execute("INSERT INTO meta VALUES ('batch_id', ?), ('workflow', ?)", (json.dumps("b" * 32), '"t.json"'))
+        for number, state in enumerate(["done", "failed", "pending", "submitting", "queued", "running"], start=1):
+            name = f"0000{number}-seed-{number}"
+            fingerprint = hashlib.sha256(json.dumps({"workflow": workflow, "name": name}, sort_keys=True,
+                                                    default=str).encode()).hexdigest()
+            db.execute("INSERT INTO jobs (job, name, fingerprint, inputs, state, target, attempts, outputs, error) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                       (number, name, fingerprint, json.dumps({"values": {"seed": number}}), state, url,
+                        json.dumps([str(out / f"{name}.png")]) if state == "done" else None,
+                        "boom" if state == "failed" else None))
+        db.executemany("INSERT INTO attempts (prompt_id, job, target, state, reason, time) VALUES (?, ?, ?, ?, ?, 0)",
+                       [("p1", 1, url, "done", None), ("p0", 1, url, "lost", "gone"), ("p2", 2, url, "failed", "boom"),
+                        ("p3", 2, other, "abandoned", "down"), ("p4", 1, url, "never arrived", None)])
+    db.close()
+    with Manifest(str(out)) as manifest:
+        records = manifest.records()
+        assert [records[i].state for i in range(1, 7)] == [JobState.DONE, JobState.FAILED, JobState.PENDING,
+                                                           JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING]
+        assert records[1].outputs == [str(out / "00001-seed-1.png")] and records[2].error == "boom"
+        assert records[1].inputs == {"values": {"seed": 1}} and records[2].outputs is None
+        assert manifest.stale_prompts(url) == ["p0"] and manifest.stale_prompts(other) == ["p3"]
+        assert manifest.done_per_target() == {url: 1}
+        assert manifest.batch_id("another.json") == "b" * 32  # kept, not made again
+    # resumed with two of its jobs (done and failed): nothing to run, the summary as recorded
+    messages = []
+    summary = Batch(jobs, out, [], log=messages.append).run()
+    assert (summary["done"], summary["failed"], summary["jobs"], summary["done_this_run"]) == (1, 1, 2, 0)
+    assert summary["per_target"] == {url: 1} and summary["failures"] == {"00002-seed-2": "boom"}
+    assert any(m.startswith("Resuming") and "1 done, 0 to look up" in m for m in messages)
+    # other inputs are refused, and the refusal leaves the folder free
+    changed = Job(**{**vars(jobs[0]), "workflow": {**workflow, "9": {"class_type": "X", "inputs": {}}}})
+    with pytest.raises(Flux2KitError, match="holds a batch whose job 1"):
+        Batch([changed], out, [], log=messages.append)
+    Manifest(str(out)).close()
 
 
 def test_a_reference_image_gone_before_its_upload_fails_the_job_not_the_server(servers, tmp_path):
