@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 UI_FILES = sorted(glob.glob(os.path.join(ROOT, "*.json")))
 API_FILES = sorted(glob.glob(os.path.join(ROOT, "api", "*.json")))
 STEMS = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]

@@ -29,7 +29,7 @@ from flux2kit.pipelines.errors import Flux2KitError
 
 from flux2kit.testing.fake_comfyui import start_servers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API = os.path.join(REPO, "workflows", "api")
 DEMO_NAMES = ["Flux2KitTransformerLoader.model_name=flux2_dev_tiny_fp8mixed.safetensors",
               "Flux2KitTextEncoderLoader.text_encoder_name=mistral_3_small_tiny/",
