@@ -13,7 +13,6 @@ import pytest
 from flux2kit.pipelines.errors import Flux2KitError
 
 API = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows", "api")
-REPO = os.path.dirname(os.path.dirname(API))
 FAST = dict(size=(80, 64), steps=2)
 PROMPT = "a lighthouse on a cliff at dusk, the sign reads FLUX.2"
 
@@ -227,29 +226,3 @@ def test_cli_run_on_the_demo_models(folders, tmp_path):
                                    "--out", tmp_path, "--set", "Flux2KitSampler.num_inference_steps=80")
     assert code == 2 and not stdout
     assert "flux2kit: error: node #5 (Flux2KitSampler): input 'num_inference_steps' is 80, above the maximum 50" in stderr
-
-
-@pytest.mark.parametrize("stem", sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(REPO, "workflows"))
-                                        if f.endswith(".json")))
-def test_every_ui_workflow_converts_to_its_api_twin(stem, runner):
-    """ui_to_api on the nodes' own schemas: DynamicCombo children, colour pickers, seeds' control values."""
-    from flux2kit.cli.workflow.schema import check_value
-    from flux2kit.cli.local_runner import local_object_info
-    from flux2kit.cli.workflow.files import read_workflow
-    from flux2kit.cli.workflow.convert import ui_to_api
-
-    info = local_object_info(runner)
-    ui, kind = read_workflow(os.path.join(REPO, "workflows", f"{stem}.json"))
-    api, _ = read_workflow(os.path.join(REPO, "workflows", "api", f"{stem}.json"))
-    assert kind == "ui"
-    assert ui_to_api(ui, info) == api
-    if stem == "api_two_references":
-        spec = info["Flux2KitAPIGenerate"]["input"]["required"]["model"]
-        assert check_value(spec, "BFL flux-2-pro") is None
-        assert "choose one of BFL flux-2-pro" in check_value(spec, "BFL flux-3")
-    if stem == "json_prompt_palette":
-        color = next(spec for node in info.values() for section in (node.get("input") or {}).values()
-                     if isinstance(section, dict) for spec in section.values()
-                     if isinstance(spec, (list, tuple)) and spec and spec[0] == "COLOR")
-        assert check_value(color, "#02EB3C") is None
-        assert "#RRGGBB" in check_value(color, "#GGG")
