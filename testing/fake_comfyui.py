@@ -5,7 +5,7 @@ and ``flux2kit batch``, and for the batch benchmark.
 printed as ``READY <port>``) what flux2kit's client uses of ComfyUI's server:
 
 - ``POST /prompt`` (client ``prompt_id`` and ``extra_data`` kept; ComfyUI's 400 replies: an unknown node
-  type, no output node, ``node_errors`` from the nodes' schemas), ``GET /queue``, ``/history[/ID]``,
+  type, no output node, ``node_errors`` from the nodes' schemas: values and linked types), ``GET /queue``, ``/history[/ID]``,
   ``/view``, ``/object_info[/NODE]``, ``POST /upload/image`` (ComfyUI's rule without overwrite: the same
   content keeps its name, other content gets ``name (1).png``), ``POST /queue {"delete"}``, ``/interrupt``;
 - the ``/ws`` websocket, to the client that queued the prompt, in ComfyUI's order: ``execution_start``,
@@ -169,8 +169,8 @@ class Comfyish:
     def refusal(self, prompt: dict) -> dict | None:
         """ComfyUI's 400 body for a prompt it would not queue, or None."""
         from flux2kit.cli.local_runner import LOADERS
-        from flux2kit.cli.workflow.graph import id_key
-        from flux2kit.cli.workflow.schema import check_workflow, is_image_input
+        from flux2kit.cli.workflow.graph import id_key, is_link
+        from flux2kit.cli.workflow.schema import check_workflow, is_image_input, spec_of, spec_type
 
         for nid in sorted(prompt, key=id_key):
             if prompt[nid].get("class_type") not in self.object_info:
@@ -182,11 +182,11 @@ class Comfyish:
                               "extra_info": {}}, "node_errors": {}}
         errors: dict[str, dict] = {}
 
-        def add(nid, message, name=""):
+        def add(nid, message, name="", kind="value_error", details=None):
             node = prompt.get(nid) or {}
             errors.setdefault(nid, {"errors": [], "class_type": node.get("class_type"), "dependent_outputs": []})
-            errors[nid]["errors"].append({"type": "value_error", "message": message, "details": name,
-                                          "extra_info": {"input_name": name}})
+            errors[nid]["errors"].append({"type": kind, "message": message, "details": name if details is None
+                                          else details, "extra_info": {"input_name": name}})
 
         def skip(nid, name):
             node = prompt[nid]
@@ -203,6 +203,13 @@ class Comfyish:
             for name, value in node["inputs"].items():
                 if isinstance(value, str) and is_image_input(info, name) and not (self.input_dir / value).is_file():
                     add(nid, f"Invalid image file: {value}", name)
+                spec = spec_of(info, name)
+                if spec is not None and is_link(value) and str(value[0]) in prompt:  # ComfyUI's return type check
+                    outputs = self.object_info[prompt[str(value[0])]["class_type"]].get("output") or []
+                    want, have = spec_type(spec), outputs[value[1]] if 0 <= value[1] < len(outputs) else None
+                    if have is None or (want != "*" and have != "*" and not set(have.split(",")) & set(want.split(","))):
+                        add(nid, "Return type mismatch between linked nodes", name, "return_type_mismatch",
+                            f"{name}, received_type({have}) mismatch input_type({want})")
         if errors:
             return {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
                               "details": "", "extra_info": {}}, "node_errors": errors}
@@ -237,11 +244,14 @@ class Comfyish:
                 self.record("done", item, images=[i["filename"] for i in images])
             except Exception as e:  # noqa: BLE001 - reported like ComfyUI: an execution_error
                 self.flush_cached()
-                cause = e.__cause__ if getattr(e, "node_id", None) is not None and e.__cause__ else e
-                data = {"prompt_id": prompt_id, "node_id": getattr(e, "node_id", None),
-                        "node_type": getattr(e, "class_type", None),
+                # LocalRunner wraps what a node raised in a NodeError ("node #N (Class): ...") naming the node;
+                # ComfyUI reports the node apart and the node's own exception, so the exception is the cause.
+                node_id = getattr(e, "node_id", None)
+                cause = e.__cause__ if node_id is not None and e.__cause__ else e
+                message = str(cause).split("): ", 1)[-1] if cause is e and node_id is not None else str(cause)
+                data = {"prompt_id": prompt_id, "node_id": node_id, "node_type": getattr(e, "class_type", None),
                         "exception_type": f"{type(cause).__module__}.{type(cause).__qualname__}",
-                        "exception_message": f"{cause}\n",  # ComfyUI adds a line of tips (mostly empty)
+                        "exception_message": f"{message}\n",  # ComfyUI adds a line of tips (mostly empty)
                         "traceback": [], "executed": [], "current_inputs": {}, "current_outputs": {}}
                 kind, result = "execution_error", {"outputs": {}}
                 status = {"status_str": "error", "completed": False}

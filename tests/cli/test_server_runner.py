@@ -109,6 +109,13 @@ def test_server_errors_name_the_node(fake_comfyui, tmp_path):
                                             r"the maximum 50 \[num_inference_steps\]$"):
         runner.run(wf)
     wf = workflow("text_to_image")
+    wf["6"]["inputs"]["latent"] = ["4", 0]
+    with pytest.raises(Flux2KitError, match=r"^The server refused the workflow: Prompt outputs failed validation\n"
+                                            r"  node #6 \(Flux2KitDecode\): Return type mismatch between linked nodes "
+                                            r"\[latent, received_type\(FLUX2KIT_CONDITIONING\) mismatch "
+                                            r"input_type\(LATENT\)\]$"):
+        runner.run(wf)
+    wf = workflow("text_to_image")
     wf["6"]["class_type"] = "NoSuchNode"
     with pytest.raises(Flux2KitError, match=r"^The server refused the workflow: Cannot execute because node "
                                             r"NoSuchNode does not exist. \(Node ID '#6'\)$"):
