@@ -128,9 +128,9 @@ def check_ui_widget_order(ui, api, object_info):
         while specs:
             name, spec, required = specs.pop(0)
             if i == len(values):  # the file ends here: what is left must be optional widgets, unset in the twin
-                missing = [(name, required)] + [(n, r) for n, _, r in specs]
-                assert not [n for n, r in missing if r], f"{where}: widgets_values ends before {missing}"
-                assert not [n for n, _ in missing if n in api[nid]["inputs"]], f"{where}: the API twin sets {missing}"
+                missing = {name: required, **{other: r for other, _, r in specs}}
+                assert not any(missing.values()), f"{where}: widgets_values ends before required widgets: {missing}"
+                assert not set(missing) & set(api[nid]["inputs"]), f"{where}: the API twin sets {missing}"
                 break
             value, i = values[i], i + 1
             if name in linked:  # a widget turned into a socket keeps a placeholder value; the link wins
