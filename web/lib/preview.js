@@ -86,7 +86,7 @@ export function swatchLayout(count, width, { minWidth = 72, height = 28, gap = 4
   }));
 }
 
-/** The flux2kit nodes that send a preview (tests/test_web.py checks this list against the Python nodes). */
+/** The flux2kit nodes that send a preview (tests/nodes/test_web.py checks this list against the Python nodes). */
 export const PREVIEW_NODE_TYPES = [
   "Flux2KitHexPalette",
   "Flux2KitPaletteFromImage",

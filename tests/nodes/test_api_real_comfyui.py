@@ -9,9 +9,9 @@ import urllib.parse
 
 import pytest
 
-from api_server import ApiServer
-from comfyui_server import REPO, png_bytes
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
+from flux2kit.testing.hosted_api import ApiServer
+from flux2kit.testing.pictures import png_bytes
+from flux2kit.testing.real_comfyui import REPO
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -23,7 +23,7 @@ KEY = "sk-real-comfy-test-0a1b2c3d4e-SECRET"
 SETTING = "Flux2Kit.API.BFLKey"
 
 
-def test_api_node_is_registered_with_its_dynamic_combo(comfyui):  # noqa: F811
+def test_api_node_is_registered_with_its_dynamic_combo(comfyui):
     info = comfyui.object_info("Flux2KitAPIGenerate")["Flux2KitAPIGenerate"]
     kind, spec = info["input"]["required"]["model"]
     assert kind == "COMFY_DYNAMICCOMBO_V3"
@@ -38,7 +38,7 @@ def test_api_node_is_registered_with_its_dynamic_combo(comfyui):  # noqa: F811
     assert any(e.endswith("/flux2kit_api.js") for e in extensions), extensions
 
 
-def test_two_reference_workflow_with_the_key_from_settings(comfyui, tmp_path):  # noqa: F811
+def test_two_reference_workflow_with_the_key_from_settings(comfyui, tmp_path):
     with open(REPO / "workflows" / "api" / "api_two_references.json", encoding="utf-8") as f:
         prompt = json.load(f)
     with ApiServer(key=KEY) as api:
@@ -68,7 +68,7 @@ def test_two_reference_workflow_with_the_key_from_settings(comfyui, tmp_path):  
         assert KEY not in comfyui.log()
 
 
-def test_cancel_stops_polling_promptly(comfyui):  # noqa: F811
+def test_cancel_stops_polling_promptly(comfyui):
     import time
 
     with open(REPO / "workflows" / "api" / "api_two_references.json", encoding="utf-8") as f:

@@ -212,7 +212,7 @@ def test_json_prompt_palette_workflow_runs_headless(comfy, tmp_path):
 
     from flux2kit.cli.workflow.files import load_workflow
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "api",
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows", "api",
                         "json_prompt_palette.json")
     wf = load_workflow(path)
     assert wf["10"]["inputs"]["prompt"] == ["9", 0]  # Generate's prompt is the JSON prompt node's output

@@ -76,6 +76,17 @@ class ApiServer:
     def submissions(self) -> list[dict]:
         return [r for r in self.requests if r["method"] == "POST"]
 
+    def key_leaks(self, key: str, auth_header: str = BFL_KEY_HEADER) -> list[str]:
+        """Where requests carried ``key`` other than in ``auth_header`` (or Authorization): should be nowhere."""
+        leaks = []
+        for r in self.requests:
+            where = ["path"] if key in r["path"] else []
+            where += ["body"] if key.encode() in r["body"] else []
+            where += [f"header {k}" for k, v in r["headers"].items()
+                      if k.lower() not in (auth_header, "authorization") and key in v]
+            leaks += [f"{r['method']} {r['path'].split('?')[0]}: {w}" for w in where]
+        return leaks
+
     def reset(self, scenario: dict | None = None) -> None:
         with self.lock:
             self.scenario = scenario or {}

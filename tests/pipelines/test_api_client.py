@@ -1,4 +1,4 @@
-"""The hosted-API client against a local server speaking BFL's and Oxen's protocols (tests/api_server.py).
+"""The hosted-API client against a local server speaking BFL's and Oxen's protocols (flux2kit.testing.hosted_api).
 
 Each scenario asserts the outcome, how many times the job was submitted (paid for), and that the
 API key appeared only in the auth header: in no URL, body or other header of any recorded request,
@@ -17,7 +17,7 @@ from flux2kit.pipelines.hosted import providers as P
 from flux2kit.pipelines.hosted.errors import ApiError, Cancelled, UnknownStateError
 from flux2kit.pipelines.hosted.jobs import JobRunner, RetryPolicy
 
-from api_server import ApiServer, seed_of_color
+from flux2kit.testing.hosted_api import ApiServer, seed_of_color
 
 KEY = "sk-test-0123456789abcdef-SECRET"
 AUTH = {"bfl": "x-key", "oxen": "Authorization"}

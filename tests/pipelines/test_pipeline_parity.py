@@ -1,7 +1,5 @@
 """Whole text-to-image runs: ours (from BFL and ComfyUI files) against diffusers' Flux2Pipeline on the same weights."""
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
@@ -12,27 +10,17 @@ from flux2kit.pipelines.models.text_encoder import load_text_encoder
 from flux2kit.pipelines.demo_models.transformer import fp8_reference
 from flux2kit.pipelines.models.transformer import load_transformer
 from flux2kit.pipelines.models.vae import load_vae
+from flux2kit.testing.pictures import picture
 
 # fp32 on both sides; the only differences are summation order (our fused q|k|v matmul) and
 # the reference images' float->uint8 round trip, which is exact for uint8 inputs.
 TOLERANCE = 2e-5  # max abs difference of [0, 1] pixel values; measured 0 to 3e-6
 
 
-def _picture(w, h, seed):
-    """A smooth, deterministic test picture (gradients and a disc), RGB uint8."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    c = rng.uniform(0.2, 0.8, size=3)
-    img = np.stack([(x / w) * c[0], (y / h) * c[1], ((x + y) / (w + h)) * c[2]], axis=-1)
-    cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, min(w, h) / 4
-    img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 1, size=3)
-    return PIL.Image.fromarray((img * 255).astype(np.uint8))
-
-
 REFERENCE_SETS = {
     0: [],
-    1: [_picture(160, 96, 1)],
-    3: [_picture(80, 64, 2), _picture(100, 72, 3), _picture(64, 128, 4)],
+    1: [picture(160, 96, 1)],
+    3: [picture(80, 64, 2), picture(100, 72, 3), picture(64, 128, 4)],
 }
 
 

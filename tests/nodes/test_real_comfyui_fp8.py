@@ -17,8 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
-from comfyui_server import REPO, comfyui_path, comfyui_python
+from flux2kit.testing.real_comfyui import REPO, comfyui_path, comfyui_python
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -136,7 +135,7 @@ def test_comfyui_qwen_tokenizer_gives_comfyuis_klein_tokens(tmp_path):
     assert enc.encode(prompt).embeds.shape == (1, 512, 3 * 32)
 
 
-def test_save_fp8_node_in_comfyui_then_core_loader_and_model_save(comfyui, bf16_transformer):  # noqa: F811
+def test_save_fp8_node_in_comfyui_then_core_loader_and_model_save(comfyui, bf16_transformer):
     """Through /prompt: our Save FP8 node writes the file; ComfyUI's UNETLoader loads it and ModelSave writes it back.
 
     ComfyUI's own save of the loaded model must hold the same FP8 layers (weight, weight_scale,
@@ -187,7 +186,7 @@ def test_save_fp8_node_in_comfyui_then_core_loader_and_model_save(comfyui, bf16_
             p.unlink(missing_ok=True)
 
 
-def test_klein_workflow_with_qwen3_single_file_uses_comfyuis_tokenizer(comfyui):  # noqa: F811
+def test_klein_workflow_with_qwen3_single_file_uses_comfyuis_tokenizer(comfyui):
     """Inside ComfyUI, a Qwen3 single file (FP8, no tokenizer inside) loads with the tokenizer ComfyUI ships, and a
     [klein] transformer quantized on load generates with it: the whole text-to-image workflow runs."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
