@@ -138,6 +138,14 @@ def _trusted_hosts(provider: str) -> list[str]:
     return hosts + ([host_of(env_base)] if env_base else [])
 
 
+def _base_url(provider: str, value: str) -> tuple[str | None, str]:
+    """The base URL to use (None: the provider's default) and where it came from, for messages."""
+    if (value or "").strip():
+        return value.strip(), "the base_url input"
+    env = BASE_URL_ENV[provider]
+    return os.environ.get(env, "").strip() or None, f"the environment variable {env}"
+
+
 def to_image_tensor(images: list[PIL.Image.Image]) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, 3) in 0..1; a differing size is resized to the first image's (LANCZOS)."""
     size = images[0].size
@@ -181,8 +189,8 @@ class APIGenerate(io.ComfyNode):
                 io.Int.Input("max_concurrent", default=4, min=1, max=MAX_CONCURRENT, advanced=True,
                              tooltip="Jobs in flight at once for a batch (BFL allows about 24 per account)."),
                 io.Int.Input("timeout", default=600, min=10, max=3600, advanced=True,
-                             tooltip="Seconds for the whole batch. Polling stops then with a message (the provider "
-                                     "may still finish and charge the job)."),
+                             tooltip="Seconds for the whole batch: submitting, polling and downloading stop then "
+                                     "with a message (a job already sent may still finish and be charged)."),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The generated images, in seed order."),
@@ -211,10 +219,10 @@ class APIGenerate(io.ComfyNode):
         check_prompt_or_images(prompt, flat)
 
         # everything is checked before anything is sent
-        base = (base_url or "").strip() or os.environ.get(BASE_URL_ENV[provider_id], "").strip() or None
+        base, source = _base_url(provider_id, base_url)
         trusted = _trusted_hosts(provider_id)
         provider = AP.make_provider(provider_id, model_name, base, trusted, mode=extras.get("mode", "queue"))
-        provider.check_base_url(trusted)
+        provider.check_base_url(trusted, source=source)
         request = AP.Request(prompt=prompt, images=flat, aspect_ratio=aspect_ratio, resolution=resolution,
                              width=width or 0, height=height or 0, num_inference_steps=num_inference_steps,
                              guidance=guidance, seed=seed, batch_size=batch_size, output_format=output_format,

@@ -106,6 +106,7 @@ class Provider:
     """The mapping for one provider. ``trusts(url)`` says which hosts may see the key."""
 
     name = ""
+    a_host = "a provider's host"  # with its article, for messages
     default_base = ""
     official_hosts: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
@@ -125,22 +126,28 @@ class Provider:
         return host in self._trusted or is_loopback(host) or any(
             host == h or host.endswith("." + h) for h in self.official_hosts)
 
-    def check_base_url(self, allowed_hosts=()) -> None:
-        """Refuse a base URL override that would send the key somewhere unexpected."""
+    def check_base_url(self, allowed_hosts=(), source: str = "the base_url input") -> None:
+        """Refuse a base URL override that would send the key somewhere unexpected.
+
+        ``source`` says where the URL came from (the node's input or an environment variable), so the message
+        points at the place to fix.
+        """
         parts = urllib.parse.urlsplit(self.base_url)
         host = (parts.hostname or "").lower()
+        fix = "leave base_url empty" if source == "the base_url input" else f"change or unset {source.split()[-1]}"
         if parts.scheme not in ("http", "https") or not host:
-            raise Flux2KitError(f"base_url {self.base_url!r} is not an http(s) URL. Leave it empty for {self.default_base}.")
+            raise Flux2KitError(f"The base URL {self.base_url!r} (from {source}) is not an http(s) URL. {fix[0].upper()}"
+                                f"{fix[1:]} for {self.default_base}.")
         official = any(host == h or host.endswith("." + h) for h in self.official_hosts)
         allowed = official or is_loopback(host) or host in {h.lower() for h in allowed_hosts if h}
         if not allowed:
             raise Flux2KitError(
-                f"base_url points at {host}, which is not a {self.name} host, so the API key is not sent there (a "
-                f"shared workflow could otherwise collect keys). If you trust it, add it to the environment variable "
-                f"FLUX2KIT_API_TRUSTED_HOSTS (comma-separated) and restart ComfyUI, or leave base_url empty.")
+                f"The base URL (from {source}) points at {host}, which is not {self.a_host}, so the API key is not "
+                f"sent there (a shared workflow could otherwise collect keys). If you trust it, add it to the "
+                f"environment variable FLUX2KIT_API_TRUSTED_HOSTS (comma-separated) and restart ComfyUI, or {fix}.")
         if parts.scheme != "https" and not is_loopback(host):
-            raise Flux2KitError(f"base_url {self.base_url!r} uses plain http; the API key must travel over https. "
-                                f"Use https://{host}.")
+            raise Flux2KitError(f"The base URL {self.base_url!r} (from {source}) uses plain http; the API key must "
+                                f"travel over https. Use https://{host}, or {fix}.")
 
     def auth_headers(self, key: str) -> dict:
         raise NotImplementedError
@@ -175,6 +182,7 @@ class Provider:
 
 class BFL(Provider):
     name = "Black Forest Labs"
+    a_host = "a Black Forest Labs host"
     default_base = "https://api.bfl.ai"
     official_hosts = ("bfl.ai", "bfl.ml")
     models = ("flux-2-pro", "flux-2-pro-preview", "flux-2-max", "flux-2-flex", "flux-2-klein-4b", "flux-2-klein-9b")
@@ -294,6 +302,7 @@ class BFL(Provider):
 
 class Oxen(Provider):
     name = "Oxen.ai"
+    a_host = "an Oxen.ai host"
     default_base = "https://hub.oxen.ai/api/ai"
     official_hosts = ("oxen.ai",)
     # flux-2-pro: Oxen.ai's model page (its request parameters: docs/parameters.md). The others appear in Oxen's
