@@ -24,7 +24,7 @@ from ..pipelines.generation.request import check_prompt_or_images
 from ..pipelines.hosted.errors import ApiError, Cancelled, redact
 from ..pipelines.hosted.jobs import JobRunner, RetryPolicy
 from ..pipelines.hosted.transport import host_of
-from ..pipelines.parameters import OUTPUT_FORMATS
+from ..pipelines.parameters import MAX_PIXELS, MAX_SIDE, MEGAPIXEL, MIN_SIDE, OUTPUT_FORMATS, RESOLUTIONS, SIZE_MULTIPLE
 from . import services
 from .encode import images_input, ordered_images
 from .sampling import generation_inputs
@@ -48,6 +48,16 @@ def _model_choices() -> dict[str, tuple[str, str]]:
 
 
 MODELS = _model_choices()
+
+
+def browser_table() -> dict:
+    """The facts web/flux2kit_api.js needs to show the cost estimate and which inputs apply, from the same
+    provider classes the node runs (served at /flux2kit/api_models, so there is one price list)."""
+    return {
+        "models": {key: AP.make_provider(p, m).browser_facts() for key, (p, m) in MODELS.items()},
+        "size": {"megapixel": MEGAPIXEL, "resolutions": RESOLUTIONS, "multiple": SIZE_MULTIPLE, "min_side": MIN_SIDE,
+                 "max_side": MAX_SIDE, "max_pixels": MAX_PIXELS},
+    }
 
 
 def _provider_inputs(provider: str) -> list:
@@ -254,7 +264,10 @@ class APIGenerate(io.ComfyNode):
         done = (f"done: {len(results)} of {len(plan.jobs)} image(s), cost {_money(cost if cost >= 0 else None)} ({how}); "
                 f"request ids: {ids.replace(chr(10), ', ')}")
         services.show_text(node_id, "\n".join([header, *warnings, done]))
-        return io.NodeOutput(to_image_tensor(pils), ids, seeds, cost)
+        # the browser shows the cost of the last run next to the estimate (web/flux2kit_api.js)
+        ui = {"flux2kit_cost": [{"usd": cost if cost >= 0 else None, "how": how, "images": len(results),
+                                 "requested": len(plan.jobs)}]}
+        return io.NodeOutput(to_image_tensor(pils), ids, seeds, cost, ui=ui)
 
     @classmethod
     def _run(cls, provider, key, plan, max_concurrent, timeout, node_id, header):

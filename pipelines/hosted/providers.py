@@ -111,6 +111,8 @@ class Provider:
     official_hosts: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     key_env = ""
+    QUALITY_FORMATS: tuple[str, ...] = ()  # output formats for which output_quality is sent
+    PRICES: dict[str, tuple[float, float]] = {}  # USD per image: (first output MP, each further output or input MP)
     download_needs_key = False  # result URLs are signed; only some providers want the key (and only trusted hosts get it)
     billing_url = ""
 
@@ -148,6 +150,19 @@ class Provider:
         if parts.scheme != "https" and not is_loopback(host):
             raise Flux2KitError(f"The base URL {self.base_url!r} (from {source}) uses plain http; the API key must "
                                 f"travel over https. Use https://{host}, or {fix}.")
+
+    @property
+    def takes_steps_and_guidance(self) -> bool:
+        """Whether this model uses num_inference_steps and guidance (others choose their own)."""
+        return True
+
+    def browser_facts(self) -> dict:
+        """What the browser needs to show the estimate and which inputs apply (web/lib/hosted.js reads it)."""
+        return {"provider": self.name, "price": list(self.PRICES[self.model]) if self.model in self.PRICES else None,
+                "exact_size": self.exact_size, "takes_steps_and_guidance": self.takes_steps_and_guidance,
+                "quality_formats": list(self.QUALITY_FORMATS), "max_references": self.MAX_REFERENCES,
+                "reference_pixels": self.REFERENCE_PIXELS, "single_reference_pixels": self.SINGLE_REFERENCE_PIXELS,
+                "resolutions": list(getattr(self, "RESOLUTIONS", RESOLUTIONS))}
 
     def auth_headers(self, key: str) -> dict:
         raise NotImplementedError
@@ -203,6 +218,12 @@ class BFL(Provider):
             raise Flux2KitError(f"Unknown Black Forest Labs model {model!r}; use one of {', '.join(self.models)}.")
         self.model = model
 
+    exact_size = True  # takes width and height
+
+    @property
+    def takes_steps_and_guidance(self) -> bool:
+        return self.model == "flux-2-flex"
+
     def auth_headers(self, key):
         return {"x-key": key}
 
@@ -227,11 +248,11 @@ class BFL(Provider):
             notes.append("BFL makes jpeg or png: webp requested, jpeg used")
         if req.output_format != "png":
             notes.append("output_quality is not used by BFL")
-        if self.model != "flux-2-flex":
+        if not self.takes_steps_and_guidance:
             notes.append(f"num_inference_steps and guidance are not used by {self.model} (only flux-2-flex takes them)")
         base = {"prompt": req.prompt, "width": width, "height": height, "safety_tolerance": int(req.safety_tolerance),
                 "output_format": fmt}
-        if self.model == "flux-2-flex":
+        if self.takes_steps_and_guidance:
             base["steps"], base["guidance"] = int(req.num_inference_steps), float(req.guidance)
         for i, ref in enumerate(refs):
             base["input_image" if i == 0 else f"input_image_{i + 1}"] = base64.b64encode(_encode_png(ref)).decode("ascii")
@@ -316,6 +337,8 @@ class Oxen(Provider):
     SINGLE_REFERENCE_PIXELS = 4 * MEGAPIXEL
     RESOLUTIONS = ("0.5 MP", "1 MP", "2 MP")  # the model page's list
     FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+    QUALITY_FORMATS = ("webp", "jpeg")
+    exact_size = False  # takes aspect_ratio and resolution
 
     def __init__(self, model: str, base_url: str | None = None, extra_trusted_hosts=(), mode: str = "sync"):
         super().__init__(base_url, extra_trusted_hosts)
