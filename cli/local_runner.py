@@ -93,8 +93,11 @@ def _image_path(name: str) -> str:
     if not os.path.isfile(path) and os.path.isfile(name):
         path = os.path.abspath(name)
     if not os.path.isfile(path):
+        from ..nodes import example_inputs
+
+        example = f" flux2kit's example image is {example_inputs.FOLDER / name}." if name in example_inputs.NAMES else ""
         raise Flux2KitError(f"image {name!r} is not in the input folder ({folder_paths.get_input_directory()}). "
-                            "Put it there, or pass --image NODE=PATH.")
+                            f"Put it there, or pass --image NODE=PATH.{example}")
     return path
 
 

@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..pipelines.devices import default_dtype
+from ..pipelines.errors import Flux2KitError
 from ..pipelines.files.safetensors import read_header
 from ..pipelines.models.fp8_linear import WEIGHT_MODES
 from ..pipelines.models.text_encoder import load_text_encoder
@@ -86,6 +87,38 @@ class TransformerLoader(io.ComfyNode):
         return io.NodeOutput(t)
 
 
+# What a missing folder must hold, by the loader that reads it (for the message that says where to put it).
+_FOLDER_CONTENTS = {
+    "text encoder": "config.json, the tokenizer files and the weights; for FLUX.2 [dev], the text_encoder/ and "
+                    "tokenizer/ folders of black-forest-labs/FLUX.2-dev",
+    "transformer": "a diffusers FLUX.2 folder with transformer/ in it",
+    "VAE": "a diffusers FLUX.2 folder with vae/ in it",
+}
+# node id -> (input, folders, what): the loaders whose choice ``missing_model`` checks (web_routes serves it)
+MODEL_INPUTS = {
+    "Flux2KitTransformerLoader": ("model_name", services.TRANSFORMER_FOLDERS, "transformer"),
+    "Flux2KitTextEncoderLoader": ("text_encoder_name", services.TEXT_ENCODER_FOLDERS, "text encoder"),
+    "Flux2KitVAELoader": ("vae_name", services.VAE_FOLDERS, "VAE"),
+}
+
+
+def missing_model(folders: tuple[str, ...], choice: str, what: str) -> str | None:
+    """None when a loader's choice is on disk, else what is missing and where to put it."""
+    try:
+        services.resolve_model(folders, choice)
+        return None
+    except Flux2KitError as e:
+        if not str(choice).endswith("/"):
+            return str(e)
+    roots = services.model_roots(folders)
+    if not roots:
+        return f"The {what} folder {choice!r} is not in ComfyUI's models folders ({_FOLDER_CONTENTS[what]})."
+    others = f" (or in {', '.join(roots[1:])})" if len(roots) > 1 else ""
+    return (f"The {what} folder {choice!r} is missing. Put it in {roots[0]}{others}, so that "
+            f"{os.path.join(roots[0], choice.rstrip('/'))}{os.sep} holds {_FOLDER_CONTENTS[what]}; then press R to "
+            f"refresh the list.")
+
+
 def _text_encoder_choices() -> list[str]:
     """Model folders and single files; not the weight files inside a listed folder."""
     choices = services.list_models(services.TEXT_ENCODER_FOLDERS, component="text_encoder")
@@ -140,6 +173,12 @@ class TextEncoderLoader(io.ComfyNode):
             ],
             outputs=[TextEncoder.Output(display_name="text_encoder", tooltip="The loaded text encoder.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, text_encoder_name, weight_mode=None):
+        """When the prompt is queued, before anything runs: a missing file or folder, with where to put it (a
+        folder is not a model file name, so the frontend's own missing-model check cannot see it)."""
+        return missing_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name, "text encoder") or True
 
     @classmethod
     def fingerprint_inputs(cls, text_encoder_name, weight_mode=None):

@@ -6,8 +6,9 @@ count submissions and check where the API key went.
 
 Scenario (``server.scenario``, a dict; missing keys mean "behave well"):
 - ``submit``: list of answers to successive submits: "ok", an HTTP status (429, 503, 402, 403, 422,
-  500), "malformed" (200 with broken JSON) or "reset" (read the request, then drop the connection).
-  The last entry repeats.
+  500), "malformed" (200 with broken JSON), "reset" (read the request, then drop the connection) or
+  "black_hole" (read the request, then never answer: the connection stays open until ``reset`` or the
+  end). The last entry repeats.
 - ``poll``: list of statuses each job goes through (BFL words, e.g. ["Pending", "Ready"]), or
   "never" (always Pending). The last entry repeats. Entries may also be HTTP statuses (503) or
   "malformed" for a transient failure on that poll.
@@ -15,11 +16,15 @@ Scenario (``server.scenario``, a dict; missing keys mean "behave well"):
 - ``result``: "ok", "slow" (a byte every 0.1 s) or an HTTP status for the result download (404 = expired).
 - ``hold_until_active``: n - the first poll of each job waits (up to 5 s) until n jobs are active,
   so a test can see whether jobs really overlap; ``jobs``: the batch size (the last ones do not wait).
+
+Also here: ``ManualClock`` (a clock a test moves, for the client's deadline) and ``silent_listener``
+(a port whose connections are never completed: the client hangs while connecting).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -56,6 +61,7 @@ class ApiServer:
         self.active = 0
         self.max_active = 0
         self._submits = 0
+        self.release = threading.Event()  # ends the "black_hole" answers
         handler = type("Handler", (_Handler,), {"api": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -68,6 +74,7 @@ class ApiServer:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -87,8 +94,15 @@ class ApiServer:
             leaks += [f"{r['method']} {r['path'].split('?')[0]}: {w}" for w in where]
         return leaks
 
-    def reset(self, scenario: dict | None = None) -> None:
+    def wait_for_requests(self, count: int = 1, timeout: float = 30.0) -> bool:
+        """True once ``count`` requests have arrived (False after ``timeout`` seconds, so a broken test ends)."""
         with self.lock:
+            return self.lock.wait_for(lambda: len(self.requests) >= count, timeout=timeout)
+
+    def reset(self, scenario: dict | None = None) -> None:
+        self.release.set()  # the connections a "black_hole" scenario held open are closed
+        with self.lock:
+            self.release = threading.Event()
             self.scenario = scenario or {}
             self.requests.clear()
             self.jobs.clear()
@@ -116,6 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.api.lock:
             self.api.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
                                       "body": body})
+            self.api.lock.notify_all()
         return body
 
     def _send(self, status: int, payload=None, raw: bytes | None = None, ctype="application/json"):
@@ -165,6 +180,10 @@ class _Handler(BaseHTTPRequestHandler):
         answer = self.api._next("submit", n, "ok")
         if answer == "reset":
             return self._reset_connection()
+        if answer == "black_hole":  # the request arrived; the answer never comes
+            self.api.release.wait()
+            self.close_connection = True
+            return None
         if not self._authorized(provider):
             return self._send(403, {"detail": "Not authenticated - invalid key"})
         if answer == "malformed":
@@ -253,3 +272,46 @@ class _Handler(BaseHTTPRequestHandler):
         elif oxen_status == "failed":
             payload["error_message"] = "NSFW content detected by the safety checker" if "Moderated" in status else "internal error"
         return self._send(200, payload)
+
+
+class ManualClock:
+    """The client's clock (jobs.Clock) moved by the test: ``advance`` jumps past a deadline at a chosen moment.
+
+    ``sleep`` advances the clock by the time asked (backoff waits pass at once) and yields briefly in real
+    time, so other threads run.
+    """
+
+    def __init__(self, start: float = 1000.0):
+        self._now = start
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+        threading.Event().wait(0.001)
+
+
+@contextlib.contextmanager
+def silent_listener():
+    """The URL of a port that listens but never completes a connection: a client hangs in connect().
+
+    A listen backlog of 0 holds one pending connection; this fills it, so the kernel ignores further
+    connection attempts (the client's connect waits for its own timeout).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        filler.close()
+        listener.close()

@@ -3,8 +3,10 @@
 ``comfyui_server(root)`` (a context manager; the session fixture ``comfyui`` in tests/conftest.py uses it)
 builds the tiny demo models once into ``root/models``, points ComfyUI at them with an
 extra_model_paths.yaml, keeps input/output/temp/user folders (and ComfyUI's detail log and database)
-in ``root``, makes sure ``$COMFYUI_PATH/custom_nodes/flux2kit`` is this repository (a symlink for the
-session if absent), starts ``$COMFYUI_PYTHON main.py --cpu`` on a free port and stops it at the end.
+in ``root``, gives the server its own custom_nodes folder (``root/custom_nodes/flux2kit``, a symlink to this
+repository; ComfyUI's ``--base-directory``), so the shared checkout's ``custom_nodes`` is never touched and
+several worktrees can test at once, starts ``$COMFYUI_PYTHON main.py --cpu`` on a free port and stops it at
+the end.
 
 HTTP goes through flux2kit's one ComfyUI client (``cli.comfy_client.ComfyClient``). Runs are followed
 by polling ``/history/{prompt_id}``: its ``status.messages`` holds the same events as the websocket,
@@ -40,7 +42,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ComfyUIUnavailable(Exception):
-    """No usable ComfyUI (COMFYUI_PATH unset or wrong, or custom_nodes/flux2kit is another copy): skip."""
+    """No usable ComfyUI (COMFYUI_PATH unset or wrong, or its Python missing): skip."""
 
 
 class ComfyUIError(RuntimeError):
@@ -136,14 +138,18 @@ class ComfyUIServer:
         return [
             self.python, str(self.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--extra-model-paths-config", str(self.extra_paths),
+            "--base-directory", str(self.root),  # custom_nodes/flux2kit here is this repository
             "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
             "--temp-directory", str(self.temp_dir), "--user-directory", str(self.user_dir),
             "--database-url", f"sqlite:///{self.user_dir / 'comfyui.db'}",
         ]
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        for d in (self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
+        for d in (self.input_dir, self.output_dir, self.temp_dir, self.user_dir, self.root / "custom_nodes"):
             d.mkdir(parents=True, exist_ok=True)
+        link = self.root / "custom_nodes" / "flux2kit"
+        if not link.is_symlink():
+            link.symlink_to(REPO, target_is_directory=True)
         self.extra_paths.write_text(
             "flux2kit_tests:\n"
             f"    base_path: {json.dumps(str(self.models))}\n"
@@ -322,24 +328,6 @@ def build_models(models: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def linked_custom_node(comfyui: Path):
-    """Make ``custom_nodes/flux2kit`` this repository for the duration; ComfyUIUnavailable when it is something else."""
-    link = comfyui / "custom_nodes" / "flux2kit"
-    if link.is_symlink() or link.exists():
-        if link.resolve() != REPO:
-            raise ComfyUIUnavailable(f"{link} exists and is not this repository ({link.resolve()} != {REPO}); "
-                                     "move it away to run the real-ComfyUI tests.")
-        yield link
-        return
-    link.symlink_to(REPO, target_is_directory=True)
-    try:
-        yield link
-    finally:
-        if link.is_symlink():
-            link.unlink()
-
-
-@contextlib.contextmanager
 def comfyui_server(root: Path, comfyui: Path | None = None, python: str | None = None):
     """Build the models in ``root/models``, start ComfyUI with flux2kit, yield the ComfyUIServer, stop it."""
     comfyui = comfyui or comfyui_path()
@@ -352,12 +340,11 @@ def comfyui_server(root: Path, comfyui: Path | None = None, python: str | None =
         raise ComfyUIUnavailable(f"ComfyUI's Python {python} does not exist; set COMFYUI_PYTHON")
     root.mkdir(parents=True, exist_ok=True)
     models = root / "models"
-    with linked_custom_node(comfyui):
-        names = build_models(models)
-        server = ComfyUIServer(comfyui, python, root, models)
-        server.model_names = names
-        try:
-            server.start()
-            yield server
-        finally:
-            server.stop()
+    names = build_models(models)
+    server = ComfyUIServer(comfyui, python, root, models)
+    server.model_names = names
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -106,10 +106,13 @@ class Provider:
     """The mapping for one provider. ``trusts(url)`` says which hosts may see the key."""
 
     name = ""
+    a_host = "a provider's host"  # with its article, for messages
     default_base = ""
     official_hosts: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     key_env = ""
+    QUALITY_FORMATS: tuple[str, ...] = ()  # output formats for which output_quality is sent
+    PRICES: dict[str, tuple[float, float]] = {}  # USD per image: (first output MP, each further output or input MP)
     download_needs_key = False  # result URLs are signed; only some providers want the key (and only trusted hosts get it)
     billing_url = ""
 
@@ -125,22 +128,41 @@ class Provider:
         return host in self._trusted or is_loopback(host) or any(
             host == h or host.endswith("." + h) for h in self.official_hosts)
 
-    def check_base_url(self, allowed_hosts=()) -> None:
-        """Refuse a base URL override that would send the key somewhere unexpected."""
+    def check_base_url(self, allowed_hosts=(), source: str = "the base_url input") -> None:
+        """Refuse a base URL override that would send the key somewhere unexpected.
+
+        ``source`` says where the URL came from (the node's input or an environment variable), so the message
+        points at the place to fix.
+        """
         parts = urllib.parse.urlsplit(self.base_url)
         host = (parts.hostname or "").lower()
+        fix = "leave base_url empty" if source == "the base_url input" else f"change or unset {source.split()[-1]}"
         if parts.scheme not in ("http", "https") or not host:
-            raise Flux2KitError(f"base_url {self.base_url!r} is not an http(s) URL. Leave it empty for {self.default_base}.")
+            raise Flux2KitError(f"The base URL {self.base_url!r} (from {source}) is not an http(s) URL. {fix[0].upper()}"
+                                f"{fix[1:]} for {self.default_base}.")
         official = any(host == h or host.endswith("." + h) for h in self.official_hosts)
         allowed = official or is_loopback(host) or host in {h.lower() for h in allowed_hosts if h}
         if not allowed:
             raise Flux2KitError(
-                f"base_url points at {host}, which is not a {self.name} host, so the API key is not sent there (a "
-                f"shared workflow could otherwise collect keys). If you trust it, add it to the environment variable "
-                f"FLUX2KIT_API_TRUSTED_HOSTS (comma-separated) and restart ComfyUI, or leave base_url empty.")
+                f"The base URL (from {source}) points at {host}, which is not {self.a_host}, so the API key is not "
+                f"sent there (a shared workflow could otherwise collect keys). If you trust it, add it to the "
+                f"environment variable FLUX2KIT_API_TRUSTED_HOSTS (comma-separated) and restart ComfyUI, or {fix}.")
         if parts.scheme != "https" and not is_loopback(host):
-            raise Flux2KitError(f"base_url {self.base_url!r} uses plain http; the API key must travel over https. "
-                                f"Use https://{host}.")
+            raise Flux2KitError(f"The base URL {self.base_url!r} (from {source}) uses plain http; the API key must "
+                                f"travel over https. Use https://{host}, or {fix}.")
+
+    @property
+    def takes_steps_and_guidance(self) -> bool:
+        """Whether this model uses num_inference_steps and guidance (others choose their own)."""
+        return True
+
+    def browser_facts(self) -> dict:
+        """What the browser needs to show the estimate and which inputs apply (web/lib/hosted.js reads it)."""
+        return {"provider": self.name, "price": list(self.PRICES[self.model]) if self.model in self.PRICES else None,
+                "exact_size": self.exact_size, "takes_steps_and_guidance": self.takes_steps_and_guidance,
+                "quality_formats": list(self.QUALITY_FORMATS), "max_references": self.MAX_REFERENCES,
+                "reference_pixels": self.REFERENCE_PIXELS, "single_reference_pixels": self.SINGLE_REFERENCE_PIXELS,
+                "resolutions": list(getattr(self, "RESOLUTIONS", RESOLUTIONS))}
 
     def auth_headers(self, key: str) -> dict:
         raise NotImplementedError
@@ -175,6 +197,7 @@ class Provider:
 
 class BFL(Provider):
     name = "Black Forest Labs"
+    a_host = "a Black Forest Labs host"
     default_base = "https://api.bfl.ai"
     official_hosts = ("bfl.ai", "bfl.ml")
     models = ("flux-2-pro", "flux-2-pro-preview", "flux-2-max", "flux-2-flex", "flux-2-klein-4b", "flux-2-klein-9b")
@@ -194,6 +217,12 @@ class BFL(Provider):
         if model not in self.models:
             raise Flux2KitError(f"Unknown Black Forest Labs model {model!r}; use one of {', '.join(self.models)}.")
         self.model = model
+
+    exact_size = True  # takes width and height
+
+    @property
+    def takes_steps_and_guidance(self) -> bool:
+        return self.model == "flux-2-flex"
 
     def auth_headers(self, key):
         return {"x-key": key}
@@ -219,11 +248,11 @@ class BFL(Provider):
             notes.append("BFL makes jpeg or png: webp requested, jpeg used")
         if req.output_format != "png":
             notes.append("output_quality is not used by BFL")
-        if self.model != "flux-2-flex":
+        if not self.takes_steps_and_guidance:
             notes.append(f"num_inference_steps and guidance are not used by {self.model} (only flux-2-flex takes them)")
         base = {"prompt": req.prompt, "width": width, "height": height, "safety_tolerance": int(req.safety_tolerance),
                 "output_format": fmt}
-        if self.model == "flux-2-flex":
+        if self.takes_steps_and_guidance:
             base["steps"], base["guidance"] = int(req.num_inference_steps), float(req.guidance)
         for i, ref in enumerate(refs):
             base["input_image" if i == 0 else f"input_image_{i + 1}"] = base64.b64encode(_encode_png(ref)).decode("ascii")
@@ -294,6 +323,7 @@ class BFL(Provider):
 
 class Oxen(Provider):
     name = "Oxen.ai"
+    a_host = "an Oxen.ai host"
     default_base = "https://hub.oxen.ai/api/ai"
     official_hosts = ("oxen.ai",)
     # flux-2-pro: Oxen.ai's model page (its request parameters: docs/parameters.md). The others appear in Oxen's
@@ -307,6 +337,8 @@ class Oxen(Provider):
     SINGLE_REFERENCE_PIXELS = 4 * MEGAPIXEL
     RESOLUTIONS = ("0.5 MP", "1 MP", "2 MP")  # the model page's list
     FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+    QUALITY_FORMATS = ("webp", "jpeg")
+    exact_size = False  # takes aspect_ratio and resolution
 
     def __init__(self, model: str, base_url: str | None = None, extra_trusted_hosts=(), mode: str = "sync"):
         super().__init__(base_url, extra_trusted_hosts)

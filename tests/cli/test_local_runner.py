@@ -175,7 +175,8 @@ def test_a_missing_model_names_the_loader(comfy, tmp_path):
 
 def test_a_missing_input_image_says_where_to_put_it(runner, folders):
     with pytest.raises(Flux2KitError, match=r"node #5 \(LoadImage\): image 'flux2kit_person.png' is not in the input "
-                                            r"folder .*--image NODE=PATH"):
+                                            r"folder .*--image NODE=PATH\. flux2kit's example image is .*"
+                                            r"workflows.example_inputs.flux2kit_person\.png"):
         runner.run(workflow("three_reference_edit"))
 
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import threading
 
 import pytest
@@ -238,6 +239,46 @@ def test_cancel_mid_poll(node, server, monkeypatch, caplog):
     rid = next(iter(server.jobs))
     assert f"cancelled: 1 accepted job(s) may still finish and be charged: request id(s) {rid}" in node.texts[-1]
     assert rid in caplog.text
+
+
+def test_cancel_during_a_submit_without_answer_is_reported_on_the_node(node, server, monkeypatch, caplog):
+    """The request went out and no answer (no request id) came: after Cancel the node and the log say the job may
+    have been accepted and charged, with the host and the time it was sent."""
+    import comfy.model_management as mm
+
+    monkeypatch.setenv("BFL_API_KEY", KEY)
+    server.reset({"submit": ["black_hole"]})
+
+    def press_cancel():
+        server.wait_for_requests(1)
+        mm.interrupt_current_processing(True)
+
+    threading.Thread(target=press_cancel, daemon=True).start()
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node.execute(**inputs(server, timeout=60))
+    finally:
+        mm.interrupt_current_processing(False)
+    note = (r"1 job\(s\) were sent to 127\.0\.0\.1 at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC with no answer yet "
+            r"\(no request id\): they may have been accepted and may be charged\. Check the usage log on "
+            r"https://dashboard\.bfl\.ai")
+    assert re.search("cancelled: " + note, node.texts[-1]), node.texts
+    assert re.search(note, caplog.text), caplog.text
+    assert len(server.submissions()) == 1
+    assert_no_key(server, caplog, node.texts)
+
+
+def test_a_refused_base_url_from_the_environment_is_named(node, server, monkeypatch):
+    monkeypatch.setenv("OXEN_API_KEY", KEY)
+    monkeypatch.setenv("FLUX2KIT_OXEN_BASE_URL", "http://oxen-proxy.example.com/api/ai")
+    with pytest.raises(Flux2KitError, match=r"\(from the environment variable FLUX2KIT_OXEN_BASE_URL\) uses plain "
+                                            r"http") as e:
+        node.execute(**inputs(server, provider="oxen", base_url=""))
+    assert "base_url input" not in str(e.value)
+    with pytest.raises(Flux2KitError, match=r"\(from the base_url input\) points at collector\.example\.com, which is "
+                                            r"not an Oxen\.ai host"):
+        node.execute(**inputs(server, provider="oxen", base_url="https://collector.example.com"))
+    assert server.requests == []
 
 
 # -- the shipped workflow (run headless: tests/cli/test_api_workflow.py) ---------------------------------

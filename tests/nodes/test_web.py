@@ -1,5 +1,6 @@
-"""The browser extension in web/: its JavaScript tests (node's test runner), its contract with the Python nodes,
-and (with COMFYUI_PATH) that a real ComfyUI serves it and sends the previews it draws."""
+"""The browser extension in web/: its JavaScript tests (node's test runner), its contract with the Python nodes
+(the estimate, the size rule and the unused inputs computed both ways), and (with COMFYUI_PATH) that a real
+ComfyUI serves it and sends the previews it draws."""
 
 from __future__ import annotations
 
@@ -26,19 +27,129 @@ def test_javascript_unit_tests_pass():
     assert re.search(r"^# fail 0$", result.stdout, re.M)
 
 
+EXTENSIONS = sorted(WEB.glob("*.js"))
+LIBS = sorted((WEB / "lib").glob("*.js"))
+FRONTEND_API = {"../../scripts/app.js", "../../scripts/api.js"}  # ComfyUI's public extension modules
+
+
+def _imports(path) -> list[str]:
+    return re.findall(r'^import\s[^;]*?\sfrom\s+"([^"]+)";', path.read_text(encoding="utf-8"), re.M | re.S)
+
+
+def test_extensions_use_only_the_public_frontend_api():
+    assert {p.name for p in EXTENSIONS} >= {"flux2kit_prompts.js", "flux2kit_api.js", "flux2kit_inputs.js"}
+    for path in EXTENSIONS:
+        found = _imports(path)
+        assert found and "../../scripts/app.js" in found, path.name
+        for target in found:
+            assert target in FRONTEND_API or (target.startswith("./lib/") and (WEB / target).is_file()), (path.name, target)
+    for path in LIBS:  # pure modules: tested in node, no ComfyUI, no DOM
+        assert all(t.startswith("./") and (WEB / "lib" / t).is_file() for t in _imports(path)), path.name
+        assert "document." not in path.read_text(encoding="utf-8"), path.name
+    # ComfyUI loads every web/**/*.js as an extension: tests must not be .js files there
+    assert not list((WEB / "tests").glob("*.js"))
+
+
 @pytest.mark.skipif(NODE is None, reason="node (Node.js 18+) is not installed")
-def test_extension_parses_as_a_module():
-    result = subprocess.run([NODE, "--check", "web/flux2kit_prompts.js"], cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+@pytest.mark.parametrize("path", EXTENSIONS + LIBS, ids=lambda p: p.name)
+def test_every_module_parses(path):
+    result = subprocess.run([NODE, "--check", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
-def test_extension_uses_only_the_public_frontend_api():
-    source = (WEB / "flux2kit_prompts.js").read_text(encoding="utf-8")
-    imports = re.findall(r'^import .* from "([^"]+)";', source, re.M)
-    assert imports == ["../../scripts/app.js", "./lib/preview.js"]
-    # ComfyUI loads every web/**/*.js as an extension: tests must not be .js files there
-    assert not list((WEB / "tests").glob("*.js"))
+def _node_eval(script: str, data) -> object:
+    """Run an ES module in node with ``data`` as the global DATA; its printed JSON."""
+    code = f"globalThis.DATA = {json.dumps(data)};\n" + script
+    result = subprocess.run([NODE, "--input-type=module", "-e", code], cwd=WEB, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="node (Node.js 18+) is not installed")
+def test_the_browser_estimate_agrees_with_the_node(comfy):
+    """The browser's estimate (web/lib/hosted.js on the table the server sends) against the node's own
+    (providers.plan) for every model, size rule, batch size and reference count: equal when the inputs fix the
+    price, the node's value inside the browser's range when the references' sizes are still unknown."""
+    import PIL.Image
+
+    from flux2kit.nodes import api
+    from flux2kit.pipelines.hosted import providers as AP
+
+    table = json.loads(json.dumps(api.browser_table()))  # as the route sends it
+    refs = [PIL.Image.new("RGB", size) for size in ((300, 200), (2048, 1536), (640, 640))]
+    cases = []
+    for key, (provider, model) in api.MODELS.items():
+        for aspect, resolution, width, height in (("1:1", "1 MP", 0, 0), ("16:9", "2 MP", 0, 0), ("3:4", "0.5 MP", 0, 0),
+                                                  ("9:16", "4 MP", 0, 0), ("1:1", "1 MP", 1360, 768),
+                                                  ("2:3", "1 MP", 2048, 2048), ("match_input_image", "1 MP", 0, 0)):
+            for batch, count in ((1, 0), (3, 0), (1, 1), (2, 2), (1, 3)):
+                if aspect == "match_input_image" and not count:
+                    continue
+                plan = AP.make_provider(provider, model).plan(AP.Request(
+                    prompt="x", images=refs[:count], aspect_ratio=aspect, resolution=resolution, width=width,
+                    height=height, batch_size=batch))
+                cases.append({"inputs": {"model": key, "aspect_ratio": aspect, "resolution": resolution, "width": width,
+                                         "height": height, "batch_size": batch, "references": count},
+                              "python": plan.estimated_usd})
+    got = _node_eval("""
+        import { estimateCost } from "./lib/hosted.js";
+        console.log(JSON.stringify(DATA.cases.map((c) => estimateCost(DATA.table, c.inputs))));
+    """, {"table": table, "cases": cases})
+    exact = ranged = 0
+    for case, js in zip(cases, got):
+        where = case["inputs"]
+        if case["python"] is None:
+            assert not js["known"], where
+            continue
+        assert js["known"], where
+        if where["references"] == 0:
+            assert js["low"] == pytest.approx(case["python"]) == js["high"], where
+            exact += 1
+        elif js.get("about"):  # image 1's shape sets the size: close to the resolution, one MP step at most
+            step = table["models"][where["model"]]["price"][1] * where["batch_size"]
+            assert js["low"] - step - 1e-9 <= case["python"] <= js["high"] + step + 1e-9, where
+        else:
+            assert js["low"] - 1e-9 <= case["python"] <= js["high"] + 1e-9, (where, case["python"], js)
+            ranged += 1
+    assert exact >= 40 and ranged >= 20
+
+
+@pytest.mark.skipif(NODE is None, reason="node (Node.js 18+) is not installed")
+def test_the_browser_size_rule_is_the_engines():
+    from flux2kit.pipelines.parameters import ASPECT_RATIOS, RESOLUTIONS, size_from_aspect
+
+    cases = [(a, r, first) for a in ASPECT_RATIOS for r in RESOLUTIONS
+             for first in ([(300, 200), (97, 1000), (4000, 37), (1024, 1024)] if a == "match_input_image" else [None])]
+    from flux2kit.pipelines.parameters import MAX_PIXELS, MAX_SIDE, MEGAPIXEL, MIN_SIDE, SIZE_MULTIPLE
+
+    size = {"megapixel": MEGAPIXEL, "resolutions": RESOLUTIONS, "multiple": SIZE_MULTIPLE, "min_side": MIN_SIDE,
+            "max_side": MAX_SIDE, "max_pixels": MAX_PIXELS}
+    got = _node_eval("""
+        import { sizeFromAspect } from "./lib/hosted.js";
+        console.log(JSON.stringify(DATA.cases.map(([a, r, f]) => sizeFromAspect(DATA.size, a, r, f))));
+    """, {"size": size, "cases": cases})
+    assert [tuple(g) for g in got] == [size_from_aspect(a, r, f) for a, r, f in cases]
+
+
+@pytest.mark.skipif(NODE is None, reason="node (Node.js 18+) is not installed")
+def test_the_inputs_shown_unused_are_the_ones_the_node_does_not_send(comfy):
+    from flux2kit.nodes import api
+    from flux2kit.pipelines.hosted import providers as AP
+
+    table = json.loads(json.dumps(api.browser_table()))
+    cases = [(key, fmt) for key in api.MODELS for fmt in ("png", "webp", "jpeg")]
+    got = _node_eval("""
+        import { unusedApiInputs } from "./lib/hosted.js";
+        console.log(JSON.stringify(DATA.cases.map(([m, f]) => Object.keys(unusedApiInputs(DATA.table, m, f)))));
+    """, {"table": table, "cases": cases})
+    for (key, fmt), unused in zip(cases, got):
+        provider, model = api.MODELS[key]
+        body = AP.make_provider(provider, model).plan(AP.Request(prompt="x", output_format=fmt)).jobs[0].body
+        sends_steps = "steps" in body or "num_inference_steps" in body
+        assert ("num_inference_steps" in unused) == ("guidance" in unused) == (not sends_steps), (key, fmt)
+        # output_quality: BFL never takes it; Oxen applies it to webp and jpeg (its tooltip says so)
+        assert ("output_quality" in unused) == (provider == "bfl" or fmt == "png"), (key, fmt)
 
 
 def test_preview_widget_is_not_saved_in_the_workflow():
@@ -108,159 +219,4 @@ def test_real_comfyui_serves_the_extension_and_sends_previews(comfyui):
     assert len(outputs["2"]["images"]) == 1
 
 
-# -- the extension in a real browser: headless Chromium on a real ComfyUI page --------------------
-
-CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
-
-_GRAPH_JS = """(async () => {
-  const app = window.comfyAPI.app.app;
-  app.graph.clear();
-  const add = (type, pos, size) => { const n = LiteGraph.createNode(type); n.pos = pos; if (size) n.setSize(size);
-                                     app.graph.add(n); return n; };
-  const pal = add("Flux2KitHexPalette", [0, 0], [380, 640]);
-  const prompt = add("Flux2KitJSONPrompt", [420, 0], [420, 760]);
-  const long = add("Flux2KitJSONPrompt", [880, 300], [420, 400]);
-  const show = add("PreviewAny", [880, 0]);
-  const showLong = add("PreviewAny", [1320, 300]);
-  const swatches = add("PreviewImage", [1320, 0]);
-  pal.widgets.find((w) => w.name === "object_1").value = "the vase";
-  prompt.widgets.find((w) => w.name === "scene").value = 'a sunlit studio, "quoted"';
-  long.widgets.find((w) => w.name === "scene").value = "a very long description of a kitchen ".repeat(80);
-  pal.connect(0, prompt, prompt.inputs.findIndex((i) => i.name === "palette"));
-  pal.connect(2, swatches, 0);
-  prompt.connect(0, show, 0);
-  long.connect(0, showLong, 0);
-  window.__f2k = { pal, prompt, long };
-  await app.queuePrompt(0);
-  return true;
-})()"""
-
-_RESULT_JS = """(() => {
-  const { pal, prompt, long } = window.__f2k;
-  if (!(pal.flux2kitPreview && prompt.flux2kitPreview && long.flux2kitPreview)) return null;
-  const parts = (n) => ({ status: n.flux2kitParts.status.textContent, statusShown: n.flux2kitParts.status.style.display,
-                          text: n.flux2kitParts.text.textContent,
-                          chips: [...n.flux2kitParts.swatches.children]
-                            .map((c) => [c.textContent, c.style.background]) });
-  return { pal: parts(pal), prompt: parts(prompt), long: parts(long),
-           widgets: pal.widgets.map((w) => w.name), saved: pal.serialize().widgets_values };
-})()"""
-
-
-class _Chromium:
-    """Headless Chromium driven over the DevTools protocol (flux2kit's stdlib websocket client)."""
-
-    def __init__(self, binary: str, profile: str):
-        import socket
-        import time
-        import urllib.request
-
-        from flux2kit.headless import _WebSocket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu",
-                                      "--disable-dev-shm-usage",
-                                      f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
-                                      "--window-size=1700,1000", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as f:
-                    page = next(t for t in json.load(f) if t["type"] == "page")
-                break
-            except (OSError, StopIteration, ValueError):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.close()
-                    pytest.fail("headless Chromium did not start")
-                time.sleep(0.3)
-        self.ws = _WebSocket(page["webSocketDebuggerUrl"], timeout=120)
-        self.ids = 0
-        self.errors = []
-
-    def call(self, method, **params):
-        self.ids += 1
-        self.ws.send(0x1, json.dumps({"id": self.ids, "method": method, "params": params}).encode())
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("method") == "Runtime.exceptionThrown":
-                self.errors.append(json.dumps(msg["params"]["exceptionDetails"])[:1000])
-            if msg.get("id") == self.ids:
-                assert "error" not in msg, f"{method}: {msg['error']}"
-                return msg["result"]
-
-    def evaluate(self, expression):
-        r = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        assert "exceptionDetails" not in r, json.dumps(r["exceptionDetails"])[:2000]
-        return r["result"].get("value")
-
-    def wait_for(self, expression, timeout=180.0):
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            time.sleep(0.5)
-        pytest.fail(f"timed out waiting for {expression[:80]}")
-
-    def close(self):
-        if getattr(self, "ws", None):
-            self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-@pytest.mark.comfyui
-@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout")
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium to test the extension in a browser")
-def test_previews_show_on_the_nodes_in_a_real_browser(comfyui, tmp_path):
-    import base64
-    import time
-
-    comfyui.post_json("/settings/Comfy.TutorialCompleted", True)  # no first-run templates dialog over the graph
-    browser = _Chromium(CHROMIUM, str(tmp_path / "profile"))
-    try:
-        browser.call("Runtime.enable")
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=comfyui.url)
-        browser.wait_for("!!(window.comfyAPI?.app?.app?.graph && window.LiteGraph)")
-        browser.wait_for("window.comfyAPI.app.app.extensions.some((e) => e.name === 'flux2kit.promptPreviews')")
-        browser.wait_for("!!(LiteGraph.registered_node_types['Flux2KitHexPalette'] && "
-                         "LiteGraph.registered_node_types['PreviewAny'])")
-        browser.wait_for("window.comfyAPI.api.api.socket?.readyState === 1")  # "executed" events need the socket
-        # the frontend opens its default workflow once it is ready; a graph built before that would be replaced
-        browser.wait_for("window.comfyAPI.app.app.graph.nodes.length > 0")
-        browser.evaluate(_GRAPH_JS)
-        try:
-            result = browser.wait_for(_RESULT_JS)
-        except BaseException:
-            history = comfyui.get_json("/history")
-            print("history:", json.dumps(history)[:3000])
-            print("graph:", browser.evaluate(
-                "JSON.stringify(window.comfyAPI.app.app.graph.nodes.map((n) => [n.id, n.type]))"))
-            raise
-        browser.evaluate("(() => { const c = window.comfyAPI.app.app.canvas; c.ds.offset = [80, 80]; c.ds.scale = 0.8; "
-                         "c.setDirty(true, true); return true; })()")
-        time.sleep(2)  # let the canvas draw: the screenshot is for a person, nothing is asserted on it
-        shot = browser.call("Page.captureScreenshot", format="png")["data"]
-        (tmp_path / "previews.png").write_bytes(base64.b64decode(shot))  # for a person to look at
-    finally:
-        browser.close()
-    assert not [e for e in browser.errors if "flux2kit" in e], browser.errors
-    assert result["pal"]["chips"] == [["#02EB3C lime - the vase", "rgb(2, 235, 60)"],
-                                      ["#FF6B6B salmon", "rgb(255, 107, 107)"],
-                                      ["#1E3A5F dark slate blue", "rgb(30, 58, 95)"]]
-    assert json.loads(result["prompt"]["text"]) == {"scene": 'a sunlit studio, "quoted"',
-                                                    "color_palette": ["#02EB3C for the vase", "#FF6B6B", "#1E3A5F"]}
-    # the token count is ComfyUI's status text; the preview repeats it only as a warning
-    assert result["prompt"]["statusShown"] == "none"
-    assert result["long"]["statusShown"] == "" and "WARNING: over 512" in result["long"]["status"]
-    assert "flux2kit_preview" in result["widgets"]
-    assert len(result["saved"]) == 12  # the preview is never saved as a widget value (widget.serialize = false)
+# The extension in a real browser (headless Chromium on a real ComfyUI page): tests/nodes/test_web_browser.py

@@ -7,6 +7,7 @@ in no log line, exception text or output.
 
 import io
 import logging
+import re
 import socket
 import threading
 
@@ -17,7 +18,7 @@ from flux2kit.pipelines.hosted import providers as P
 from flux2kit.pipelines.hosted.errors import ApiError, Cancelled, UnknownStateError
 from flux2kit.pipelines.hosted.jobs import JobRunner, RetryPolicy
 
-from flux2kit.testing.hosted_api import ApiServer, seed_of_color
+from flux2kit.testing.hosted_api import ApiServer, ManualClock, seed_of_color, silent_listener
 
 KEY = "sk-test-0123456789abcdef-SECRET"
 AUTH = {"bfl": "x-key", "oxen": "Authorization"}
@@ -37,7 +38,7 @@ def api(server, caplog):
     log = logging.getLogger("flux2kit")
 
     def run(provider="bfl", scenario=None, *, batch=1, limit=4, policy=None, cancel=None, model=None, mode="sync",
-            images=(), base=None, **request):
+            images=(), base=None, clock=None, **request):
         server.reset(scenario)
         base = base or (server.url if provider == "bfl" else server.url + "/api/ai")
         prov = P.make_provider(provider, model or ("flux-2-pro"), base, mode=mode)
@@ -45,7 +46,7 @@ def api(server, caplog):
         req = P.Request(batch_size=batch, images=list(images), **request)
         plan = prov.plan(req)
         runner = JobRunner(prov, KEY, policy=RetryPolicy(**{**FAST, **(policy or {})}), limit=limit,
-                           should_cancel=cancel, log=log.info)
+                           should_cancel=cancel, log=log.info, **({"clock": clock} if clock else {}))
         return runner.run(plan.jobs)
 
     return run
@@ -349,6 +350,19 @@ def test_base_url_override_is_limited_to_trusted_hosts():
         P.make_provider("oxen", "flux-2-pro", "http://hub.oxen.ai/api/ai").check_base_url()
     prov = P.make_provider("bfl", "flux-2-pro")
     assert prov.trusts("https://api.us.bfl.ai/v1/get_result?id=1") and not prov.trusts("https://evil.example/x")
+    with pytest.raises(Exception, match=r"points at collector\.example\.com, which is not an Oxen\.ai host"):
+        P.make_provider("oxen", "flux-2-pro", "https://collector.example.com").check_base_url()
+
+
+def test_a_refused_base_url_names_where_it_came_from():
+    env = "the environment variable FLUX2KIT_OXEN_BASE_URL"
+    with pytest.raises(Exception, match=r"\(from the environment variable FLUX2KIT_OXEN_BASE_URL\) uses plain http.*"
+                                        r"Use https://proxy\.example\.com, or change or unset "
+                                        r"FLUX2KIT_OXEN_BASE_URL\.") as e:
+        P.make_provider("oxen", "flux-2-pro", "http://proxy.example.com").check_base_url(["proxy.example.com"], source=env)
+    assert "base_url input" not in str(e.value)
+    with pytest.raises(Exception, match=r"\(from the base_url input\) points at x\.example.*or leave base_url empty"):
+        P.make_provider("bfl", "flux-2-pro", "https://x.example").check_base_url()
 
 
 def test_environment_proxy_is_used_for_provider_hosts(server, monkeypatch):
@@ -480,3 +494,84 @@ def test_cancel_note_leaves_out_the_delivered_image(api, server):
     with pytest.raises(Cancelled, match=r"^1 accepted job\(s\) may still finish and be charged: request id\(s\) \w+\.$"):
         api("bfl", {"poll": "never", "poll_by_seed": {40: ["Ready"]}}, batch=2, cancel=cancel_after_one_result,
             policy={"deadline": 30.0})
+
+
+
+# -- a submit that gets no answer: the deadline and Cancel bound every phase ------------------------------
+
+SENT_AT = r"sent to 127\.0\.0\.1 at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+# a regression must fail the test, not hang it: the socket timeouts outlast the deadline only by this much
+PATIENT = {"deadline": 60.0, "read_timeout": 30.0, "connect_timeout": 30.0}
+
+
+def _when(condition, action, server):
+    """Run ``action`` once ``condition()`` holds (in a helper thread; gives up after 30 s)."""
+    server.reset()  # no requests of an earlier test count
+
+    def wait():
+        condition()
+        action()
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
+@pytest.mark.parametrize("provider,mode", [("bfl", "sync"), ("oxen", "queue"), ("oxen", "sync")])
+def test_submit_without_answer_stops_at_the_deadline(api, server, caplog, provider, mode):
+    """The server takes the request and never answers: the deadline (the node's timeout) ends the wait, and the
+    message says the job may have been accepted and charged, with what is known (host, time, no request id)."""
+    clock = ManualClock()
+    _when(server.wait_for_requests, lambda: clock.advance(61.0), server)  # the deadline passes while the submit waits
+    with pytest.raises(UnknownStateError) as e:
+        api(provider, {"submit": ["black_hole", "ok"]}, mode=mode, clock=clock, policy=PATIENT)
+    text = str(e.value)
+    assert re.search(r"no answer to the submit before the deadline of 60 s \(the node's timeout\)", text), text
+    assert re.search(SENT_AT + r" and no request id came back", text), text
+    assert re.search(r"may have been accepted and charged, so it was NOT sent again", text), text
+    assert "Cancel or deadline" not in text  # item 3: the deadline is named plainly
+    assert ("dashboard.bfl.ai" if provider == "bfl" else "oxen.ai") in text
+    assert submits(server) == 1
+    check_key_only_in_auth(server, provider, e.value, caplog=caplog)
+
+
+@pytest.mark.parametrize("provider,mode", [("bfl", "sync"), ("oxen", "queue"), ("oxen", "sync")])
+def test_cancel_during_a_submit_without_answer_says_it_may_be_charged(api, server, caplog, provider, mode):
+    pressed = threading.Event()
+    _when(server.wait_for_requests, pressed.set, server)  # Cancel while the sent request waits for its answer
+    with pytest.raises(Cancelled) as e:
+        api(provider, {"submit": ["black_hole", "ok"]}, mode=mode, cancel=pressed.is_set, policy=PATIENT)
+    text = str(e.value)
+    assert re.search(r"1 job\(s\) were " + SENT_AT + r" with no answer yet \(no request id\): they may have been "
+                     r"accepted and may be charged", text), text
+    assert submits(server) == 1
+    check_key_only_in_auth(server, provider, e.value, caplog=caplog)
+
+
+def test_deadline_while_connecting_sends_nothing(api, server):
+    """A host that never completes the connection: the deadline stops the connect, and nothing was sent."""
+    calls = []
+
+    def clock_now():  # the clock runs on each reading: the deadline passes while the client connects
+        calls.append(1)
+        return 1000.0 + 10.0 * len(calls)
+
+    clock = ManualClock()
+    clock.now = clock_now
+    with silent_listener() as url:
+        with pytest.raises(ApiError, match=r"deadline of 60 s passed before the job could be submitted \(stopped "
+                                           r"while connecting to 127\.0\.0\.1\)\. Nothing was charged") as e:
+            api("bfl", base=url, clock=clock, policy=PATIENT)
+    assert e.value.kind == "deadline"
+
+
+def test_cancel_while_connecting_sends_nothing(api, server, caplog):
+    asked = []
+
+    def cancel():  # False for the check before the attempt, then Cancel while connect() waits
+        asked.append(1)
+        return len(asked) > 3
+
+    with silent_listener() as url:
+        with pytest.raises(Cancelled) as e:
+            api("bfl", base=url, cancel=cancel, policy=PATIENT)
+    assert str(e.value) == ""  # nothing was sent, so nothing may be charged
+    assert "timed out" not in caplog.text  # Cancel ended the connect, not the socket's own timeout
