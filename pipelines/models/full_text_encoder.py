@@ -87,12 +87,12 @@ def inspect_full_model(ckpt: TextEncoderCheckpoint) -> FullModelParts:
            "Mistral-Small-3.2-24B-Instruct-2506, which hold the whole model.")
     if not has_norm or layers < config_layers or len(present) < layers:
         missing = sorted(set(range(config_layers)) - present)
-        what = (f"layers {missing[0]}-{missing[-1]}" if missing else "the final norm")
+        gap = f" (layers {missing[0]}-{missing[-1]} are missing)" if missing else ""
         raise Flux2KitError(
-            f"{name} lacks {what} of the language model: it holds {len(present)} layers"
-            f"{'' if has_norm else ' and no final norm'}, i.e. it was pruned to the {max(FAMILY_LAYERS['mistral'])} "
-            "layers FLUX.2 reads (like ComfyUI's pruned mistral_3_small_flux2 files) or the download is incomplete. "
-            f"Prompt upsampling writes text with the whole model: all layers, the final norm and the LM head. {fix}"
+            f"{name} holds {len(present)} layers of the language model{'' if has_norm else ' and no final norm'}{gap}: "
+            f"it was pruned to the {max(FAMILY_LAYERS['mistral'])} layers FLUX.2 reads (like ComfyUI's pruned "
+            "mistral_3_small_flux2 files), or the download is incomplete. Prompt upsampling writes text with the whole "
+            f"model: all layers, the final norm and the LM head. {fix}"
         )
     if head_key is None:
         raise Flux2KitError(

@@ -117,7 +117,7 @@ def upsample_prompt(encoder, prompt: str, images=(), *, temperature: float = DEF
             "Face folder of FLUX.2 [dev] with parts = 'full model, for prompt upsampling'."
         )
     notes: list[str] = []
-    inputs, used = _fitting_inputs(encoder, prompt, images, notes)
+    inputs, used = chat_inputs(encoder, prompt, images, notes)
     mode = IMAGE_TO_IMAGE if used else TEXT_TO_IMAGE
     generated_ids = _generate(encoder, inputs, temperature=float(temperature), seed=int(seed),
                               max_new_tokens=int(max_new_tokens), callback=callback, should_cancel=should_cancel)
@@ -138,8 +138,13 @@ def upsample_prompt(encoder, prompt: str, images=(), *, temperature: float = DEF
     return result
 
 
-def _fitting_inputs(encoder, prompt: str, images: list, notes: list[str]):
-    """The model inputs for the prompt and as many references as fit in the 2048-token context (last ones dropped)."""
+def chat_inputs(encoder, prompt: str, images: list, notes: list[str] | None = None) -> tuple[dict, int]:
+    """``(model inputs, references used)`` for the prompt and as many references as fit in the 2048-token chat.
+
+    References that do not fit are left out, last first, with a note appended to ``notes``; the inputs are
+    what diffusers' processor call makes (ids and mask padded to 2048, Pixtral pixels and sizes).
+    """
+    notes = [] if notes is None else notes
     from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
     tok = encoder.tokenizer
