@@ -284,3 +284,18 @@ def test_klein_qwen3_is_refused_with_what_to_use(tmp_path):
     path = save_tiny_qwen3_comfy(qwen, str(tmp_path / "qwen.safetensors"))
     with pytest.raises(Flux2KitError, match="Qwen3"):
         load_full_text_encoder(path, tokenizer=str(tmp_path / "klein" / "tokenizer"))
+
+
+def test_the_readme_example_runs_on_the_tiny_model(tiny, capsys):
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    code = re.search(r"```python\n(.*?)```", readme[readme.index("## Prompt upsampling"):], re.S).group(1)
+    for real, here in (('"models/text_encoders/FLUX.2-dev"', repr(tiny[2])), ('device="cuda"', 'device="cpu"'),
+                       ("seed=7)", f"seed=7, max_new_tokens={N})")):
+        assert real in code, f"the README example no longer has {real}"
+        code = code.replace(real, here)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert scope["result"].new_tokens == N and capsys.readouterr().out == scope["result"].text + "\n"
+    assert scope["embeds"].embeds.shape == (1, 512, 3 * tiny[0].config.text_config.hidden_size)
