@@ -2,12 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import api, encode, example_inputs, generate, loaders, prompts, quantize, sampling, save, services, web_routes
+from . import api, encode, example_inputs, generate, loaders, prompts, quantize, sampling, save, services, upsample, web_routes
 
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES, *quantize.NODES,
-            *prompts.NODES, *api.NODES]
+            *prompts.NODES, *upsample.NODES, *api.NODES]
 
 
 class Flux2KitExtension(ComfyExtension):

@@ -60,11 +60,18 @@ def browser_table() -> dict:
     }
 
 
-def _provider_inputs(provider: str) -> list:
+def _provider_inputs(provider: str, model: str = "") -> list:
     if provider == "bfl":
-        return [io.Int.Input("safety_tolerance", default=2, min=0, max=5,
-                             tooltip="Black Forest Labs' moderation of input and output: 0 strictest, 5 most "
-                                     "permissive (default 2).")]
+        inputs = [io.Int.Input("safety_tolerance", default=2, min=0, max=5,
+                               tooltip="Black Forest Labs' moderation of input and output: 0 strictest, 5 most "
+                                       "permissive (default 2).")]
+        if model in AP.BFL.UPSAMPLING_MODELS:
+            inputs.append(io.Boolean.Input(
+                "prompt_upsampling", default=False,
+                tooltip="Let BFL's server rewrite the prompt into a more detailed one before generating (BFL's own "
+                        "default for this model is on; flux2kit sends off unless you turn it on, so the prompt you "
+                        "write is the one that runs). To see and keep the rewritten text, use FLUX.2 Prompt Upsample."))
+        return inputs
     return [
         io.Boolean.Input("disable_safety_checker", default=False,
                          tooltip="Oxen.ai: turn off the safety checker for generated images."),
@@ -75,8 +82,8 @@ def _provider_inputs(provider: str) -> list:
 
 
 def model_input() -> io.DynamicCombo.Input:
-    return io.DynamicCombo.Input("model", options=[io.DynamicCombo.Option(key, _provider_inputs(p))
-                                                   for key, (p, _) in MODELS.items()],
+    return io.DynamicCombo.Input("model", options=[io.DynamicCombo.Option(key, _provider_inputs(p, m))
+                                                   for key, (p, m) in MODELS.items()],
                                  tooltip="Provider and model. BFL = Black Forest Labs (api.bfl.ai, key BFL_API_KEY); "
                                          "Oxen = Oxen.ai (hub.oxen.ai, key OXEN_API_KEY). Provider-specific "
                                          "inputs appear under the choice.")
@@ -237,6 +244,7 @@ class APIGenerate(io.ComfyNode):
                              width=width or 0, height=height or 0, num_inference_steps=num_inference_steps,
                              guidance=guidance, seed=seed, batch_size=batch_size, output_format=output_format,
                              output_quality=output_quality, safety_tolerance=extras.get("safety_tolerance", 2),
+                             prompt_upsampling=bool(extras.get("prompt_upsampling", False)),
                              disable_safety_checker=extras.get("disable_safety_checker", False),
                              mode=extras.get("mode", "queue"))
         plan = provider.plan(request)

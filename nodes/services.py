@@ -237,6 +237,23 @@ def step_callback(total: int, device=None):
     return callback
 
 
+def token_progress(total: int):
+    """A per-token callback for text generation: ComfyUI's progress bar, and Cancel."""
+    try:
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(total)
+    except Exception:
+        bar = None
+
+    def callback(step: int, total_steps: int) -> None:
+        raise_if_cancelled()
+        if bar is not None:
+            bar.update_absolute(step, total_steps)
+
+    return callback
+
+
 def show_text(node_id, text: str) -> None:
     """Status text on the node in the browser (ComfyUI's progress-text channel)."""
     if node_id is None:

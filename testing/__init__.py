@@ -5,5 +5,6 @@
 - ``hosted_api``: a local stand-in for the hosted FLUX.2 APIs (Black Forest Labs, Oxen.ai).
 - ``real_comfyui``: starts a real ComfyUI (``COMFYUI_PATH``) with this pack and talks to it through the
   one client (``cli.comfy_client``); the ``comfyui`` fixture in tests/conftest.py uses it.
+- ``upsampling``: the references for prompt upsampling (diffusers' ``upsample_prompt``, transformers' ``PixtralProcessor``).
 - ``pictures``: deterministic test pictures.
 """

@@ -2,8 +2,11 @@
 
 Black Forest Labs (api.bfl.ai): POST {base}/v1/{model} with header ``x-key``; width and height
 (multiples of 16, at most 4 MP), references as ``input_image``, ``input_image_2`` .. ``_8``
-(base64), ``safety_tolerance`` 0-5, ``output_format`` jpeg|png; [flex] also takes ``steps`` and
-``guidance``. The answer holds ``polling_url``; a poll says Pending / Reasoning / Generating /
+(base64), ``safety_tolerance`` 0-5, ``output_format`` jpeg|png; [flex] also takes ``steps``,
+``guidance`` and ``prompt_upsampling`` (BFL's published FLUX.2 schemas list it only for [flex], where it
+defaults to true server-side; flux2kit always sends it there, false unless asked, so a prompt is not
+rewritten unseen. Core ComfyUI's deprecated [pro]/[max] nodes sent it too; its current FLUX.2 node and
+BFL's [pro]/[max]/[klein] schemas do not, so flux2kit does not). The answer holds ``polling_url``; a poll says Pending / Reasoning / Generating /
 Ready / Error / Request Moderated / Content Moderated / Task not found; Ready -> ``result.sample``.
 
 Oxen.ai (hub.oxen.ai/api/ai): header ``Authorization: Bearer``; sync POST /images/generate
@@ -48,6 +51,7 @@ class Request:
     output_format: str = "webp"
     output_quality: int = 80
     safety_tolerance: int = 2  # BFL
+    prompt_upsampling: bool = False  # BFL models in BFL.UPSAMPLING_MODELS: the server rewrites the prompt first
     disable_safety_checker: bool = False  # Oxen
     mode: str = "sync"  # Oxen: sync | queue
 
@@ -211,6 +215,7 @@ class BFL(Provider):
     PRICES = {"flux-2-pro": (0.03, 0.015), "flux-2-max": (0.07, 0.03), "flux-2-flex": (0.05, 0.05),
               "flux-2-klein-4b": (0.014, 0.001), "flux-2-klein-9b": (0.015, 0.002)}
     FORMATS = {"png": "png", "jpeg": "jpeg", "webp": "jpeg"}  # BFL makes jpeg or png only
+    UPSAMPLING_MODELS = ("flux-2-flex",)  # the FLUX.2 models whose published schema has prompt_upsampling
 
     def __init__(self, model: str, base_url: str | None = None, extra_trusted_hosts=()):
         super().__init__(base_url, extra_trusted_hosts)
@@ -254,6 +259,11 @@ class BFL(Provider):
                 "output_format": fmt}
         if self.takes_steps_and_guidance:
             base["steps"], base["guidance"] = int(req.num_inference_steps), float(req.guidance)
+        if self.model in self.UPSAMPLING_MODELS:
+            base["prompt_upsampling"] = bool(req.prompt_upsampling)
+        elif req.prompt_upsampling:
+            notes.append(f"prompt_upsampling is not taken by {self.model} (only {', '.join(self.UPSAMPLING_MODELS)}); "
+                         "not sent")
         for i, ref in enumerate(refs):
             base["input_image" if i == 0 else f"input_image_{i + 1}"] = base64.b64encode(_encode_png(ref)).decode("ascii")
         price = self.PRICES.get(self.model)

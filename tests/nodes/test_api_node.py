@@ -118,7 +118,9 @@ def test_provider_inputs_appear_only_for_their_provider(nodes):
     combo = schema.inputs[0]
     assert isinstance(combo, io.DynamicCombo.Input) and combo.id == "model"
     options = {o.key: [i.id for i in o.inputs] for o in combo.options}
-    assert options["BFL flux-2-pro"] == ["safety_tolerance"] and options["BFL flux-2-flex"] == ["safety_tolerance"]
+    assert options["BFL flux-2-pro"] == ["safety_tolerance"]
+    assert options["BFL flux-2-flex"] == ["safety_tolerance", "prompt_upsampling"]
+    assert [k for k, names in options.items() if "prompt_upsampling" in names] == ["BFL flux-2-flex"]
     assert options["Oxen flux-2-pro"] == ["disable_safety_checker", "mode"]
     assert set(options) >= {f"BFL {m}" for m in ("flux-2-pro", "flux-2-pro-preview", "flux-2-max", "flux-2-flex",
                                                   "flux-2-klein-4b", "flux-2-klein-9b")}
@@ -158,6 +160,26 @@ def test_oxen_queue(node, server, monkeypatch, caplog):
     assert json.loads(sub["body"])["aspect_ratio"] == "16:9"
     assert "(cost unknown: Oxen.ai's model page lists no price" in node.texts[0]
     assert_no_key(server, caplog, out.result, node.texts, header="authorization")
+
+
+def test_prompt_upsampling_is_sent_only_to_models_that_take_it(node, server, monkeypatch):
+    """BFL documents prompt_upsampling for flux-2-flex only (default on there): flux2kit always says false unless
+    asked; [pro], [max], [klein] and Oxen never receive the field."""
+    monkeypatch.setenv("BFL_API_KEY", KEY)
+    monkeypatch.setenv("OXEN_API_KEY", KEY)
+    sent = {}
+    for label, model, extra in (("flex default", "BFL flux-2-flex", {}), ("flex on", "BFL flux-2-flex", {"prompt_upsampling": True}),
+                                ("flex off", "BFL flux-2-flex", {"prompt_upsampling": False}),
+                                ("pro", "BFL flux-2-pro", {}), ("max", "BFL flux-2-max", {}),
+                                ("klein", "BFL flux-2-klein-4b", {})):
+        server.reset({})
+        node.execute(**inputs(server, model={"model": model, "safety_tolerance": 2, **extra}))
+        sent[label] = json.loads(server.submissions()[0]["body"]).get("prompt_upsampling", "absent")
+    server.reset({})
+    node.execute(**inputs(server, provider="oxen"))
+    sent["oxen"] = json.loads(server.submissions()[0]["body"]).get("prompt_upsampling", "absent")
+    assert sent == {"flex default": False, "flex on": True, "flex off": False, "pro": "absent", "max": "absent",
+                    "klein": "absent", "oxen": "absent"}
 
 
 def test_key_from_comfyui_settings(node, server, tmp_path):

@@ -162,11 +162,12 @@ def test_preview_widget_is_not_saved_in_the_workflow():
 
 
 def test_preview_node_types_are_the_nodes_that_send_previews(comfy):
-    from flux2kit.nodes import prompts
+    from flux2kit.nodes import prompts, upsample
 
     source = (WEB / "lib" / "preview.js").read_text(encoding="utf-8")
     listed = re.search(r"PREVIEW_NODE_TYPES = \[(.*?)\]", source, re.S).group(1)
-    assert set(re.findall(r'"(Flux2Kit\w+)"', listed)) == {cls.define_schema().node_id for cls in prompts.NODES}
+    assert set(re.findall(r'"(Flux2Kit\w+)"', listed)) == {
+        cls.define_schema().node_id for cls in prompts.NODES + upsample.NODES}
 
 
 def test_preview_keys_match_what_the_nodes_send(comfy):

@@ -59,7 +59,7 @@ def control_widgets(cls):
 
 def test_every_workflow_has_a_twin():
     assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit",
-                     "json_prompt_palette", "text_to_image", "three_reference_edit"]
+                     "json_prompt_palette", "prompt_upsample_reference", "text_to_image", "three_reference_edit"]
     assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
 
 
@@ -300,6 +300,10 @@ def test_defaults_show_flux2(stem):
     if "three_reference" in stem:
         assert sorted(refs) == ["images.image_1", "images.image_2", "images.image_3"]
         assert all(f"image {i}" in prompt for i in (1, 2, 3)) and s["aspect_ratio"] == "match_input_image"
+    elif stem == "prompt_upsample_reference":  # one reference, read by the upsampler and the sampler
+        assert refs == ["images.image_1"] and s["aspect_ratio"] == "match_input_image"
+        upsampler = next(n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitPromptUpsample")
+        assert (upsampler["temperature"], upsampler["max_new_tokens"]) == (0.15, 512)
     else:
         assert not refs and s["aspect_ratio"] == "1:1"
     model_names = {n["class_type"]: list(n["inputs"].values())[0] for n in api.values()

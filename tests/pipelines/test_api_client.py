@@ -295,6 +295,16 @@ def test_bfl_request_body(api, server):
     assert "input_image_3" not in body
 
 
+def test_prompt_upsampling_only_where_bfl_takes_it():
+    flex = P.BFL("flux-2-flex").plan(P.Request(prompt="a fox", width=64, height=64, prompt_upsampling=True))
+    assert flex.jobs[0].body["prompt_upsampling"] is True and not any("prompt_upsampling" in n for n in flex.notes)
+    assert P.BFL("flux-2-flex").plan(P.Request(prompt="a fox", width=64, height=64)).jobs[0].body[
+        "prompt_upsampling"] is False  # BFL's default is on: flux2kit says off unless asked
+    pro = P.BFL("flux-2-pro").plan(P.Request(prompt="a fox", width=64, height=64, prompt_upsampling=True))
+    assert "prompt_upsampling" not in pro.jobs[0].body
+    assert "prompt_upsampling is not taken by flux-2-pro (only flux-2-flex); not sent" in pro.notes
+
+
 def test_bfl_pro_sends_no_steps_and_sizes_from_aspect(api, server):
     import json
 

@@ -125,6 +125,7 @@ export const PREVIEW_NODE_TYPES = [
   "Flux2KitJSONText",
   "Flux2KitJSONPrompt",
   "Flux2KitJSONPromptParse",
+  "Flux2KitPromptUpsample",
 ];
 
 /** The root-graph node id (a number, as LiteGraph stores it) of an execution id like "12"; null for a node
