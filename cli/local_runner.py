@@ -37,8 +37,6 @@ MODEL_FOLDERS = {
     "vae": ("vae",),
     "diffusers": ("diffusers",),
 }
-# The example images the shipped workflows load (workflows/assets/README.md), found when not in the input folder.
-EXAMPLE_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "assets")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -93,17 +91,16 @@ def load_image_node():
 def _image_path(name: str) -> str:
     import folder_paths
 
+    from ..nodes import example_inputs
+
     path = folder_paths.get_annotated_filepath(name)  # "sub/name.png", "name.png [input]", or an absolute path
     if not os.path.isfile(path) and os.path.isfile(name):
         path = os.path.abspath(name)
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(EXAMPLE_ASSETS, os.path.basename(name))):
-        path = os.path.join(EXAMPLE_ASSETS, os.path.basename(name))  # the shipped workflows' example images
+    if not os.path.isfile(path) and name in example_inputs.NAMES:
+        path = str(example_inputs.FOLDER / name)  # a shipped workflow's example image (ComfyUI installs them)
     if not os.path.isfile(path):
-        from ..nodes import example_inputs
-
-        example = f" flux2kit's example image is {example_inputs.FOLDER / name}." if name in example_inputs.NAMES else ""
         raise Flux2KitError(f"image {name!r} is not in the input folder ({folder_paths.get_input_directory()}). "
-                            f"Put it there, or pass --image NODE=PATH.{example}")
+                            "Put it there, or pass --image NODE=PATH.")
     return path
 
 

@@ -1,9 +1,8 @@
-"""The shipped editing workflows, headless and in-process on the tiny demo models, with the example images from
-workflows/assets; the core nodes the local runner provides for them; the assets are what the script draws."""
+"""The shipped editing workflows, headless and in-process on the tiny demo models, with the shipped example images
+(workflows/example_inputs, read from there when the input folder lacks them); the core nodes the local runner
+provides for them. ``flux2kit run --server`` uploading the example images: test_server_runner.py."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
@@ -12,7 +11,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API = os.path.join(REPO, "workflows", "api")
-ASSETS = os.path.join(REPO, "workflows", "assets")
+EXAMPLES = os.path.join(REPO, "workflows", "example_inputs")
 
 
 def workflow(stem):
@@ -31,7 +30,7 @@ def runner(comfy, tmp_path_factory):
     from flux2kit.cli.local_runner import LocalRunner
 
     root = tmp_path_factory.mktemp("editing_workflows")
-    (root / "input").mkdir()  # empty: the example images come from workflows/assets
+    (root / "input").mkdir()  # empty: the example images come from workflows/example_inputs
     return LocalRunner(str(comfy / "models"), str(root / "out"), input_dir=str(root / "input"), demo=True,
                        log=lambda message: None)
 
@@ -46,14 +45,14 @@ def run(runner, stem, **overrides):
 
 def test_image_to_image_keeps_the_start_images_size(runner):
     out = run(runner, "image_to_image", size=(512, 512))  # the LATENT's size wins over the size inputs
-    source = pixels(os.path.join(ASSETS, "flux2kit_cottage.png"))
+    source = pixels(os.path.join(EXAMPLES, "flux2kit_cottage.png"))
     assert out.shape == source.shape == (256, 384, 3)
     assert np.abs(out.astype(int) - source).mean() > 3
 
 
 def test_inpaint_repaints_only_the_grown_mask(runner):
     out = run(runner, "inpaint")
-    with PIL.Image.open(os.path.join(ASSETS, "flux2kit_cottage_inpaint.png")) as im:
+    with PIL.Image.open(os.path.join(EXAMPLES, "flux2kit_cottage_inpaint.png")) as im:
         rgba = np.asarray(im.convert("RGBA"))
     hole = rgba[..., 3] == 0
     grown = np.zeros_like(hole)  # Grow Mask (8 pixels, tapered corners): within 8 steps of a cross
@@ -66,7 +65,7 @@ def test_inpaint_repaints_only_the_grown_mask(runner):
 
 def test_outpaint_extends_the_canvas_and_keeps_the_middle(runner):
     out = run(runner, "outpaint")
-    source = pixels(os.path.join(ASSETS, "flux2kit_cottage.png"))
+    source = pixels(os.path.join(EXAMPLES, "flux2kit_cottage.png"))
     assert out.shape == (256, 128 + 384 + 128, 3)
     # inside the picture the 24-pixel fade ((24 - d) / 24)^2 reaches 0.5 up to d = 7 from the new sides (columns
     # 0-7 on the left, where d = j, and 377-383 on the right, where d = 384 - j): those are repainted
@@ -131,31 +130,3 @@ def test_pad_for_outpaint_is_cores(comfy):
     assert torch.equal(mask[0], expected)
     assert canvas.shape == (1, 64, 74, 3) and torch.equal(canvas[:, top:top + d2, left:left + d3], image)
     assert (canvas[:, :, :left] == 0.5).all()
-
-
-def test_shipped_example_images_are_what_the_script_draws():
-    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "draw_example_images.py"), "--check"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-
-
-def test_a_server_run_uploads_the_example_images(tmp_path):
-    """``flux2kit run --server``: a ComfyUI server does not have the example images, so they are uploaded."""
-    import io
-
-    from test_headless import RUN_EVENTS, FakeComfyUI  # the fake ComfyUI server of the headless tests
-
-    buffer = io.BytesIO()
-    PIL.Image.new("RGB", (16, 16)).save(buffer, format="PNG")
-    FakeComfyUI.PNG = buffer.getvalue()
-    server = FakeComfyUI(RUN_EVENTS)
-    try:
-        from flux2kit.cli.server_runner import ServerRunner
-
-        ServerRunner(server.url, str(tmp_path), log=lambda m: None).run(workflow("inpaint"))
-        sent = server.prompts[0]["prompt"]
-        assert sent["5"]["inputs"]["image"] == "flux2kit/flux2kit_cottage_inpaint.png"
-        with open(os.path.join(ASSETS, "flux2kit_cottage_inpaint.png"), "rb") as f:
-            assert server.uploads["flux2kit_cottage_inpaint.png"] == f.read()
-    finally:
-        server.close()
