@@ -26,9 +26,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import Row, interleaved_times, machine_facts, ratio, table  # noqa: E402
+# _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
+from _common import Row, interleaved_times, machine_facts, ratio, table
 
 # Real models (docs/checkpoints.md): (double, single) blocks and width, for the cache-memory rows.
 REAL = {"[klein] 4B": (5, 20, 3072), "[klein] 9B": (8, 24, 4096), "[dev]": (8, 48, 6144)}

@@ -3,7 +3,7 @@ local_runner.py): Grow Mask and Image Pad for Outpainting.
 
 Same node ids, inputs, defaults and results as core's (ComfyUI 0.29: ``GrowMask`` in comfy_extras/nodes_mask.py,
 ``ImagePadForOutpaint`` in nodes.py); on a ComfyUI server its own nodes run. They are written here because
-ComfyUI is not a package the command line can depend on; tests/nodes/test_real_comfyui_editing.py checks
+ComfyUI is not a package the command line can depend on; tests/cli/test_real_comfyui_core_nodes.py checks
 them against the real ones.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 MAX_RESOLUTION = 16384  # core's nodes.MAX_RESOLUTION
 
 
-def _grow(mask, expand: int, tapered_corners: bool):
+def grow_mask(mask, expand: int, tapered_corners: bool):
     """Core's GrowMask: |expand| grey dilations (erosions when negative) with a 3x3 footprint, a cross when tapered.
 
     scipy's grey_dilation, which core uses, reflects at the border; for a max (or min) over a symmetric
@@ -33,7 +33,7 @@ def _grow(mask, expand: int, tapered_corners: bool):
     return (m * sign).squeeze(1)
 
 
-def _pad_for_outpaint(image, left: int, top: int, right: int, bottom: int, feathering: int):
+def pad_for_outpaint(image, left: int, top: int, right: int, bottom: int, feathering: int):
     """Core's ImagePadForOutpaint: a 0.5-grey canvas, the mask 1 on the new border and ((f - d) / f)^2 within
     ``feathering`` pixels of a padded side inside the image (only when 2 f fits in both sides)."""
     import torch
@@ -73,7 +73,7 @@ def core_nodes() -> list:
 
         @classmethod
         def execute(cls, mask, expand, tapered_corners) -> io.NodeOutput:
-            return io.NodeOutput(_grow(mask, expand, tapered_corners))
+            return io.NodeOutput(grow_mask(mask, expand, tapered_corners))
 
     class ImagePadForOutpaint(io.ComfyNode):
         @classmethod
@@ -90,6 +90,6 @@ def core_nodes() -> list:
 
         @classmethod
         def execute(cls, image, left, top, right, bottom, feathering) -> io.NodeOutput:
-            return io.NodeOutput(*_pad_for_outpaint(image, left, top, right, bottom, feathering))
+            return io.NodeOutput(*pad_for_outpaint(image, left, top, right, bottom, feathering))
 
     return [GrowMask, ImagePadForOutpaint]

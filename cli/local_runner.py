@@ -426,7 +426,8 @@ class _StepProgress:
             self.log(line)
 
     def text(self, text, node_id=None, *args, **kwargs):
-        self.log(f"    {text}")
+        if text:  # an empty one clears the node's text in a browser
+            self.log(f"    {text}")
 
 
 @contextlib.contextmanager

@@ -126,7 +126,8 @@ class ServerRunner:
                         return
                 continue
             if event.kind == "status_text":
-                self.log(f"    {event.text}")
+                if event.text:  # an empty one clears the node's text in a browser
+                    self.log(f"    {event.text}")
                 continue
             data = event.data
             if event.prompt_id not in (None, prompt_id):

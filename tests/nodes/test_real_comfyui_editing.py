@@ -4,18 +4,20 @@ Our Sampler is compared with core ComfyUI's own sampling of the same tiny FLUX.2
 Model, SamplerCustomAdvanced with Flux2Scheduler): the same LATENT and CONDITIONING give the same latents,
 for image-to-image (core VAE Encode, denoise 0.6), inpainting (core Set Latent Noise Mask after Grow Mask),
 core conditioning (Reference Latent, FluxGuidance) and ComfyUI's FluxKVCache approximation. Latents are read
-back from core Save Latent files. Skipped without COMFYUI_PATH.
+back from core Save Latent files. The shipped editing workflows run with the example images the pack installs
+into ComfyUI's input folder. Skipped without COMFYUI_PATH (DEVELOPERS.md).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
 import pytest
 
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
+from flux2kit.testing.real_comfyui import REPO
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -107,7 +109,7 @@ def close(a, b, what):
 
 
 @pytest.fixture(scope="module")
-def server(comfyui):  # noqa: F811
+def server(comfyui):
     comfyui.upload_image("flux2kit_edit_test.png", rgba_png())
     return comfyui
 
@@ -220,31 +222,24 @@ def test_approximate_reference_cache_equals_core_flux_kv_cache(server):
     assert gap > 100 * diff  # the comparison with core tells the approximation from the uncached run
 
 
-# -- the shipped editing workflows, and the core nodes the local runner stands in for -----------------------
+# -- the shipped editing workflows, with the example images the pack installs -----------------------------
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                      "workflows", "assets")
+EXAMPLES = REPO / "workflows" / "example_inputs"
 EDIT_WORKFLOWS = {"image_to_image": (384, 256), "inpaint": (384, 256), "outpaint": (640, 256),
                   "multi_reference_cached": (128, 128)}
+EDIT_IMAGES = ("flux2kit_cottage.png", "flux2kit_cottage_inpaint.png", "flux2kit_teapot.png", "flux2kit_pattern.png")
 
 
-@pytest.fixture(scope="module")
-def assets(server):
-    for name in sorted(os.listdir(ASSETS)):
-        if name.endswith(".png"):
-            with open(os.path.join(ASSETS, name), "rb") as f:
-                server.upload_image(name, f.read())
-    return server
+def test_the_pack_installed_the_editing_example_images(comfyui):
+    """When ComfyUI loaded flux2kit it copied the example images into its (empty) input folder."""
+    for name in EDIT_IMAGES:
+        assert (comfyui.input_dir / name).read_bytes() == (EXAMPLES / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("stem", list(EDIT_WORKFLOWS))
-def test_shipped_editing_workflow_runs(assets, stem):
-    import json
-
-    from comfyui_server import REPO
-
+def test_shipped_editing_workflow_runs(comfyui, stem):
     wf = json.loads((REPO / "workflows" / "api" / f"{stem}.json").read_text(encoding="utf-8"))
-    names = assets.model_names
+    names = comfyui.model_names
     for n in wf.values():
         ct, inputs = n["class_type"], n["inputs"]
         if ct == "Flux2KitTransformerLoader":
@@ -255,40 +250,11 @@ def test_shipped_editing_workflow_runs(assets, stem):
             inputs["vae_name"] = names["vae"]
         elif ct in ("Flux2KitSampler", "Flux2KitGenerate"):
             inputs.update(num_inference_steps=2, width=128, height=128)
-    run = assets.run(wf)
+    assert {n["inputs"]["image"] for n in wf.values() if n["class_type"] == "LoadImage"} <= set(EDIT_IMAGES)
+    run = comfyui.run(wf)
     assert run.ok, run.describe()
     image = [img for img in run.images() if img.get("type") == "output"][0]
     from PIL import Image
 
-    with Image.open(io.BytesIO(assets.view(image))) as im:
+    with Image.open(io.BytesIO(comfyui.view(image))) as im:
         assert im.size == EDIT_WORKFLOWS[stem]
-
-
-def test_the_local_runners_core_nodes_equal_cores(assets):
-    """GrowMask and ImagePadForOutpaint in cli/core_nodes.py give what core ComfyUI's give (compared as saved masks)."""
-    import torch
-
-    from flux2kit.cli.core_nodes import _grow, _pad_for_outpaint
-    from flux2kit.cli.local_runner import load_image
-
-    g = {"1": node("LoadImage", image="flux2kit_cottage_inpaint.png"),
-         "2": node("GrowMask", mask=["1", 1], expand=6, tapered_corners=True),
-         "3": node("MaskToImage", mask=["2", 0]),
-         "4": node("SaveImage", images=["3", 0], filename_prefix="flux2kit/core_grow"),
-         "5": node("ImagePadForOutpaint", image=["1", 0], left=64, top=16, right=32, bottom=0, feathering=24),
-         "6": node("MaskToImage", mask=["5", 1]),
-         "7": node("SaveImage", images=["6", 0], filename_prefix="flux2kit/core_pad_mask"),
-         "8": node("SaveImage", images=["5", 0], filename_prefix="flux2kit/core_pad_image")}
-    run = assets.run(g)
-    assert run.ok, run.describe()
-    image, mask = load_image(os.path.join(ASSETS, "flux2kit_cottage_inpaint.png"))
-
-    def as_saved(t):  # Save Image's conversion of a float IMAGE (or a mask as grey)
-        t = t if t.ndim == 4 else t.unsqueeze(-1).expand(-1, -1, -1, 3)
-        return np.clip(255.0 * t[0].numpy(), 0, 255).astype(np.uint8)
-
-    canvas, pad_mask = _pad_for_outpaint(image, 64, 16, 32, 0, 24)
-    assert np.array_equal(saved_image(assets, run, "4"), as_saved(_grow(mask, 6, True)))
-    assert np.array_equal(saved_image(assets, run, "7"), as_saved(pad_mask))
-    assert np.array_equal(saved_image(assets, run, "8"), as_saved(canvas))
-    assert torch.count_nonzero(pad_mask) > 0
