@@ -108,12 +108,14 @@ def check_api_workflow(wf, schemas):
     assert sorted(needed_nodes(wf, outputs)) == sorted(wf)  # every node contributes to an output
 
 
-def check_ui_widget_order(ui, api, object_info):
+def check_ui_widget_order(ui, api, object_info, *, complete=False):
     """A UI file's ``widgets_values`` are positional: walked in the schemas' widget order (as ui_to_api reads
     them: a DynamicCombo's chosen option's widgets right after it, a seed's "control after generate" value, an
     upload button after an image combo), each value must be the API twin's value of that input, and none may
     be left over. Optional widgets a file predates may be missing at the end (the frontend gives them their
-    default), and then the API twin leaves them out too."""
+    default), and then the API twin leaves them out too. ``complete``: the shipped workflows save every widget
+    (a widget added later grows the node in the browser, over whatever sits below it, so the file must be
+    laid out again with it)."""
     from flux2kit.cli.workflow.schema import (CONTROL_VALUES, DYNAMIC_COMBO, WIDGET_TYPES, input_specs, is_image_input,
                                               spec_options, spec_type)
 
@@ -130,6 +132,7 @@ def check_ui_widget_order(ui, api, object_info):
             if i == len(values):  # the file ends here: what is left must be optional widgets, unset in the twin
                 missing = {name: required, **{other: r for other, _, r in specs}}
                 assert not any(missing.values()), f"{where}: widgets_values ends before required widgets: {missing}"
+                assert not complete, f"{where}: a shipped workflow saves every widget; missing {list(missing)}"
                 assert not set(missing) & set(api[nid]["inputs"]), f"{where}: the API twin sets {missing}"
                 break
             value, i = values[i], i + 1
@@ -188,7 +191,7 @@ def test_workflow_files_fit_the_node_schemas(stem, schemas, object_info):
         live = {i["name"]: None for i in nodes[dst]["inputs"]} | api[str(dst)]["inputs"]
         into = node_inputs(schemas[nodes[dst]["type"]], live)[name][0]
         assert out == into == link_type, f"link {link_id}: #{src} output {src_slot} ({out}) -> #{dst}.{name} ({into})"
-    check_ui_widget_order(ui, api, object_info)
+    check_ui_widget_order(ui, api, object_info, complete=True)
     assert ui_to_api(ui, object_info) == api  # the project's converter reads the same order
 
 
