@@ -114,9 +114,11 @@ def lora_state_dict(lora: dict, fmt: str, *, alpha: float | None = None) -> tupl
                         sd[f"{stem}.alpha"] = torch.tensor(float(alpha))
         else:
             raise ValueError(f"unknown LoRA format {fmt!r}; one of {LORA_FORMATS}")
-    if fmt == "diffusers" and alpha is not None:  # what diffusers' save_lora_adapter writes
+    if fmt == "diffusers" and alpha is not None:  # the peft config diffusers' save_lora_adapter writes
         rank = next(iter(lora.values()))[0].shape[0]
-        meta["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})
+        modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in sd})
+        meta["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha,
+                                                    "transformer.target_modules": modules})
     return {k: v.contiguous().clone() for k, v in sd.items()}, meta
 
 

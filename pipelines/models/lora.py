@@ -52,6 +52,7 @@ class LoraEntry:
     double_blocks: float = 1.0  # factor on strength for the double-stream blocks
     single_blocks: float = 1.0  # factor on strength for the single-stream blocks
     merge: bool = False  # add into copies of the weights instead of a side branch
+    rounding: str = "nearest"  # merge mode, FP8 layers: "nearest" or "stochastic" (ComfyUI's)
 
     def strength_for(self, module_path: str) -> float:
         if module_path.startswith("transformer_blocks."):
@@ -216,7 +217,7 @@ class DoraState:
     def _row_factor(self, binding: Binding, device, dtype) -> Tensor:
         v = self.vectors(device)
         if self.kind == "peft":
-            s = binding.strength * self.adapter.scale  # peft's scaling: strength x alpha / r, inside the norm
+            s = binding.strength  # peft: strength x alpha / r inside the norm (the delta holds alpha / r)
             r = v["m"] / torch.sqrt((v["a"] + 2 * s * v["b"] + s * s * v["c"]).clamp_min(0))
         else:
             r = v["r"]
@@ -384,11 +385,12 @@ class LoraTransformer:
     base: object  # the Flux2Transformer it adapts (never another LoraTransformer)
     stack: tuple[LoraEntry, ...]
     bindings: list[Binding] = field(default_factory=list, repr=False)
-    rounding: str = "stochastic"
     patcher: object = None  # ComfyUI's ModelPatcher (a clone sharing the base's), set by the nodes
 
     def __post_init__(self):
-        self.merged = MergedWeights([b for b in self.bindings if b.merge], rounding=self.rounding)
+        merging = [e for e in self.stack if e.active and e.merge]
+        rounding = "stochastic" if any(e.rounding == "stochastic" for e in merging) else "nearest"
+        self.merged = MergedWeights([b for b in self.bindings if b.merge], rounding=rounding)
         self._side: dict[str, list[Binding]] = {}
         for b in self.bindings:
             if not b.merge:
@@ -456,7 +458,7 @@ class LoraTransformer:
         self.merged.release()
 
 
-def apply_loras(transformer, entries, *, rounding: str = "stochastic") -> LoraTransformer:
+def apply_loras(transformer, entries) -> LoraTransformer:
     """``transformer`` (a Flux2Transformer or a LoraTransformer) with ``entries`` added to its stack.
 
     Checks every LoRA against the model first (shapes, model size, blocks) and raises before
@@ -479,5 +481,5 @@ def apply_loras(transformer, entries, *, rounding: str = "stochastic") -> LoraTr
             bindings.append(b)
     if any(b.merge for b in bindings):
         check_mergeable([b for b in bindings if b.merge])
-    return LoraTransformer(base=base, stack=stack, bindings=bindings, rounding=rounding)
+    return LoraTransformer(base=base, stack=stack, bindings=bindings)
 
