@@ -2,11 +2,11 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import api, encode, generate, loaders, prompts, quantize, sampling, save
+from . import api, encode, generate, loaders, lora, prompts, quantize, sampling, save
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*loaders.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES, *quantize.NODES,
+    return [*loaders.NODES, *lora.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES, *quantize.NODES,
             *prompts.NODES, *api.NODES]
 
 

@@ -537,18 +537,14 @@ def convert_lora(state: dict[str, Tensor], metadata: dict[str, str] | None = Non
 
 
 def _describe(namings: Counter, prefixes: Counter, updown: Counter, adapters) -> str:
-    parts = []
-    for naming, _ in namings.most_common():
-        label = _FORMAT_NAMES.get(naming, naming)
-        if naming in ("bfl", "diffusers"):
-            prefix = prefixes.most_common(1)[0][0]
-            label += f" ({prefix or 'no prefix'}"
-            label += f", {updown.most_common(1)[0][0]})" if updown else ")"
-        parts.append(label)
-    text = " + ".join(parts)
+    """"ComfyUI/BFL (diffusion_model., lora_down/lora_up, alpha)" and the like."""
+    details = [prefixes.most_common(1)[0][0] or "no prefix"] if prefixes else []
+    if updown:
+        details.append(updown.most_common(1)[0][0])
     if any(a.alpha is not None for a in adapters):
-        text += ", alpha"
-    return text
+        details.append("alpha")
+    names = " + ".join(_FORMAT_NAMES.get(n, n) for n, _ in namings.most_common())
+    return f"{names} ({', '.join(details)})" if details else names
 
 
 # ----------------------------------------------------------------------------------------------

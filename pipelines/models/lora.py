@@ -415,13 +415,13 @@ class LoraTransformer:
 
     @property
     def nbytes(self) -> int:
-        """Memory this variant adds to the base: its adapters (and merged weight copies once made)."""
+        """Memory this variant adds to the base: its adapters and, in merge mode, the merged weight copies."""
         seen, total = set(), 0
         for e in self.stack:
             if id(e.lora) not in seen:
                 seen.add(id(e.lora))
                 total += e.lora.nbytes
-        return total + self.merged.nbytes
+        return total + self.merged.planned_bytes(self.base.model)
 
     def __call__(self, *args, **kwargs):
         with self.active():

@@ -86,6 +86,17 @@ class MergedWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in self.tensors.values() for t in d.values())
 
+    def planned_bytes(self, model: nn.Module) -> int:
+        """What the merged copies will take once made: the merged layers' own weights (and scales)."""
+        total = 0
+        for path in self.by_module:
+            module = model.get_submodule(path)
+            for name in ("weight", "weight_scale"):
+                t = getattr(module, name, None)
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
     def make(self, model: nn.Module) -> None:
         """Compute every merged copy now (otherwise on the first run)."""
         for path, bindings in self.by_module.items():
