@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers import Flux2Transformer2DModel
 from torch import Tensor, nn
 
 from ..errors import Flux2KitError
@@ -39,7 +40,8 @@ log = logging.getLogger("flux2kit")
 _SPLIT = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
           "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
 _FUSED_OF = {part: (fused, i) for fused, parts in _SPLIT.items() for i, part in enumerate(parts)}
-_EPS = torch.finfo(torch.float32).eps  # ComfyUI adds the eps of its fp32 compute dtype to DoRA norms
+_EPS = torch.finfo(torch.float32).eps
+VARIANT_NAMES = {"dev": "FLUX.2 [dev]", "klein-4b": "FLUX.2 [klein] 4B", "klein-9b": "FLUX.2 [klein] 9B"}  # ComfyUI adds the eps of its fp32 compute dtype to DoRA norms
 
 
 @dataclass(frozen=True)
@@ -483,3 +485,14 @@ def apply_loras(transformer, entries) -> LoraTransformer:
         check_mergeable([b for b in bindings if b.merge])
     return LoraTransformer(base=base, stack=stack, bindings=bindings)
 
+
+
+def check_loras_fit(config: dict, entries, model_name: str = "the transformer") -> None:
+    """Check LoRAs against a transformer's config before loading it (a model on the meta device: no memory)."""
+    if not any(e.active for e in entries):
+        return
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**config)
+    for entry in entries:
+        if entry.active:
+            bind_lora(model, entry, model_name)
