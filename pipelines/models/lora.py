@@ -202,18 +202,22 @@ class DoraState:
         return w, full.to(w.device)
 
     def vectors(self, device) -> dict[str, Tensor]:
-        if self._vectors is None or next(iter(self._vectors.values())).device != torch.device(device):
-            with torch.inference_mode(False), torch.no_grad():
-                w, d = self._layer_weights()
-                m = self.magnitude.to(w.device)
-                if self.kind == "peft":  # |W_i + s D_i|^2 = a + 2 s b + s^2 c, for any strength s
-                    v = {"m": m, "a": (w * w).sum(1), "b": (w * d).sum(1), "c": (d * d).sum(1)}
-                elif self.out_axis:  # ComfyUI: per-row scale over the norms of the base weight
-                    v = {"r": m / (w.norm(dim=1) + _EPS)}
-                else:  # per-column scale over the norms of the merged weight (full strength)
-                    v = {"c": m / ((w + d).norm(dim=0) + _EPS)}
-                del w, d
-                self._vectors = {k: t.to(device) for k, t in v.items()}
+        """The norm vectors, computed once from the base weights (before any merged copy is swapped in)."""
+        if self._vectors is not None:
+            if next(iter(self._vectors.values())).device != torch.device(device):
+                self._vectors = {k: t.to(device) for k, t in self._vectors.items()}
+            return self._vectors
+        with torch.inference_mode(False), torch.no_grad():
+            w, d = self._layer_weights()
+            m = self.magnitude.to(w.device)
+            if self.kind == "peft":  # |W_i + s D_i|^2 = a + 2 s b + s^2 c, for any strength s
+                v = {"m": m, "a": (w * w).sum(1), "b": (w * d).sum(1), "c": (d * d).sum(1)}
+            elif self.out_axis:  # ComfyUI: per-row scale over the norms of the base weight
+                v = {"r": m / (w.norm(dim=1) + _EPS)}
+            else:  # per-column scale over the norms of the merged weight (full strength)
+                v = {"c": m / ((w + d).norm(dim=0) + _EPS)}
+            del w, d
+            self._vectors = {k: t.to(device) for k, t in v.items()}
         return self._vectors
 
     def _row_factor(self, binding: Binding, device, dtype) -> Tensor:
@@ -435,6 +439,9 @@ class LoraTransformer:
         model = self.base.model
         with _lock_for(model):
             handles = []
+            for b in self.bindings:
+                if b.dora is not None and not b.merge:  # from the base weights, not merged copies
+                    b.dora.vectors(b.module.weight.device)
             restore = self.merged.swap_in(model)
             try:
                 for path, bindings in self._side.items():
