@@ -148,6 +148,14 @@ def setup(tmp_path_factory):
     # the layers ComfyUI maps from diffusers names (not time_guidance_embed.*, not *_stream_modulation.linear)
     comfy_maps = {k: v for k, v in a.items() if not k.startswith(("time_in", "guidance_in", "double_stream", "single_stream"))}
     put("peft_comfyui_part.safetensors", demo.lora_state_dict(comfy_maps, "diffusers")[0])
+    put("noprefix.safetensors", demo.lora_state_dict(a, "bfl-noprefix", alpha=2.0)[0])
+    put("base_model.safetensors", demo.lora_state_dict(a, "bfl-base-model", alpha=2.0)[0])
+    norm = {"final_layer.adaLN_modulation.1": a["final_layer.adaLN_modulation.1"]}
+    for name, rows in (("norm_dora.safetensors", None), ("norm_dora_swapped.safetensors", "swap")):
+        sd = demo.lora_state_dict(norm, "diffusers")[0]  # diffusers names: scale|shift rows
+        magnitude = torch.linspace(0.5, 1.5, 512).reshape(512, 1)  # per row, different in the two halves
+        sd["transformer.norm_out.linear.dora_scale"] = torch.cat(magnitude.chunk(2)[::-1]) if rows else magnitude
+        put(name, sd)
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(1, 128, 4, 6, generator=g), torch.randn(1, 16, 384, generator=g)
     save_file({"x": x, "context": ctx, "sigma": torch.tensor([0.7]), "guidance": torch.tensor([4.0])},
@@ -216,6 +224,25 @@ def test_comfyui_ignores_peft_alpha_and_flux2_time_modulation_names(setup, tmp_p
             "transformer.single_stream_modulation.linear"} <= dropped, info["not_loaded"]
     assert rel(ours(setup, [("peft_comfyui_part.safetensors", 1.0)]), out) < TOLERANCE
     assert rel(ours(setup, [("peft.safetensors", 1.0)]), out) > 1000 * TOLERANCE
+
+
+def test_comfyui_loads_nothing_from_bfl_names_without_prefix_or_with_base_model_model(setup, tmp_path):
+    base_out = ours(setup, [])
+    for name in ("noprefix.safetensors", "base_model.safetensors"):
+        out, info = theirs(setup, tmp_path, [(name, 1.0)])
+        assert len(info["not_loaded"]) == 31 * 3 and torch.equal(out, theirs(setup, tmp_path, [])[0])
+        assert rel(ours(setup, [(name, 1.0)]), ours(setup, [("ab.safetensors", 1.0)])) < TOLERANCE  # we apply it
+        assert rel(out, base_out) < TOLERANCE
+
+
+def test_comfyui_swaps_norm_out_rows_but_not_their_dora_scale(setup, tmp_path):
+    """A diffusers-named norm_out LoRA with a per-row dora_scale: ComfyUI swaps the delta into BFL's shift|scale
+    order but leaves dora_scale in diffusers' order. Its output equals ours on the file with dora_scale's halves
+    swapped, not ours on the file itself."""
+    out, info = theirs(setup, tmp_path, [("norm_dora.safetensors", 1.0)])
+    assert not info["not_loaded"]
+    assert rel(ours(setup, [("norm_dora_swapped.safetensors", 1.0)]), out) < TOLERANCE
+    assert rel(ours(setup, [("norm_dora.safetensors", 1.0)]), out) > 100 * TOLERANCE
 
 
 def test_lora_workflow_runs_on_comfyui_and_strength_changes_rerun_only_the_lora(comfyui):  # noqa: F811

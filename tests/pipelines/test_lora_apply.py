@@ -162,9 +162,21 @@ def test_bfl_lora_down_up_and_alpha(tmp_path, ours, tiny_transformer, caplog):
     sd_alpha, _ = demo.lora_state_dict(lora, "bfl", alpha=2.0)
     with pytest.raises(ValueError, match="alpha"):
         diffusers_with_lora(tiny_transformer, sd_alpha)
+    sd_bare, _ = demo.lora_state_dict(lora, "bfl-noprefix")  # no prefix: filtered out, nothing applied
+    assert torch.equal(run_diffusers(diffusers_with_lora(tiny_transformer, sd_bare), inputs()), base)
     for fmt in ("bfl-downup", "bfl"):
         mine = run(apply_loras(ours["bfl"], [LoraEntry(_bfl_file(tmp_path, lora, fmt, 2.0, fmt))]), inputs())
         assert rel(mine, right) < FP32, fmt
+    bare_right = run_diffusers(merged_model(tiny_transformer, demo.deltas(lora)), inputs())
+    mine = run(apply_loras(ours["bfl"], [LoraEntry(_bfl_file(tmp_path, lora, "bfl-noprefix", None, "bare"))]), inputs())
+    assert rel(mine, bare_right) < FP32
+
+
+def test_a_lora_for_another_width_is_a_size_error_in_diffusers(tiny_transformer):
+    sd = {"transformer.x_embedder.lora_A.weight": torch.zeros(1, 999),
+          "transformer.x_embedder.lora_B.weight": torch.zeros(256, 1)}
+    with pytest.raises(RuntimeError, match="size mismatch for x_embedder.lora_A"):
+        diffusers_with_lora(tiny_transformer, sd)
 
 
 def test_kohya_guidance_modulation_and_final_layers_are_applied(tmp_path, ours, tiny_transformer):
@@ -217,10 +229,36 @@ def test_lokr_matches_diffusers_and_the_kronecker_merge(tmp_path, ours, tiny_tra
         for merge in (False, True):
             mine = run(apply_loras(model, [LoraEntry(lokr, 0.6, merge=merge)]), inputs())
             assert rel(mine, theirs) < FP32 and rel(mine, right) < FP32
+    # kohya names: diffusers finds no module for them; ComfyUI and we apply them
+    kohya = {k.replace("diffusion_model.", "lora_unet_").replace(".", "_").replace("_lokr_", ".lokr_")
+             .replace("_alpha", ".alpha"): v for k, v in sd.items()}
+    with pytest.raises(Exception, match="(?i)module|target"):
+        diffusers_with_lora(tiny_transformer, kohya, weights=[0.6])
+    kohya_path = str(tmp_path / "lokr_kohya.safetensors")
+    save_file(kohya, kohya_path)
+    kohya_lokr = read_lora(kohya_path)
+    assert kohya_lokr.format == "kohya/musubi (lora_unet_, alpha)"
+    assert rel(run(apply_loras(ours["bfl"], [LoraEntry(kohya_lokr, 0.6)]), inputs()), right) < FP32
     # on the final adaLN too, where diffusers' LoKr converter has the same missing swap
     path, _, deltas = _lokr_file(tmp_path, shapes, [ADALN], name="lokr_adaln")
     right = run_diffusers(merged_model(tiny_transformer, deltas), inputs())
     assert rel(run(apply_loras(ours["bfl"], [LoraEntry(read_lora(path))]), inputs()), right) < FP32
+
+
+def test_lokr_on_fused_qkv_then_a_lora_on_q_k_v(tmp_path, ours, tiny_transformer):
+    """diffusers fuses q|k|v for the LoKr and then silently ignores a later LoRA on to_q/k/v; both apply here."""
+    shapes = demo.layer_shapes(dict(tiny_transformer.config))
+    qkv = "double_blocks.0.img_attn.qkv"
+    path, sd, lokr_deltas = _lokr_file(tmp_path, shapes, [qkv], name="lokr_qkv")
+    lora = demo.random_lora(dict(tiny_transformer.config), rank=4, seed=31, layers=[qkv])
+    lora_sd, _ = demo.lora_state_dict(lora, "diffusers")
+    theirs = run_diffusers(diffusers_with_lora(tiny_transformer, [sd, lora_sd]), inputs())
+    lokr_only = run_diffusers(merged_model(tiny_transformer, lokr_deltas), inputs())
+    both = run_diffusers(merged_model(tiny_transformer, {qkv: lokr_deltas[qkv] + demo.deltas(lora)[qkv]}), inputs())
+    assert rel(theirs, lokr_only) < FP32 and rel(theirs, both) > 100 * FP32
+    lora_path = demo.save_lora(lora, str(tmp_path / "qkv_lora.safetensors"), "diffusers", dtype=torch.float32)
+    stacked = apply_loras(ours["bfl"], [LoraEntry(read_lora(path)), LoraEntry(read_lora(lora_path))])
+    assert rel(run(stacked, inputs()), both) < FP32
 
 
 # ---------------------------------------------------------------------------------------------
