@@ -22,7 +22,8 @@ into), a diffusers ``to_q`` stays ``attn.to_q``; ``models/lora.py`` fits either 
 BFL's ``final_layer.adaLN_modulation.1`` stores shift|scale rows where the model's ``norm_out.linear``
 wants scale|shift: such adapters carry ``swap_halves`` (diffusers' LoRA converter forgets this).
 
-Scale rules (what the trainers meant, and what ComfyUI / diffusers compute where they are right):
+Scale rules (what the trainers meant, and what ComfyUI / diffusers compute where they are right; the
+name table and the formulas are in docs/loras.md):
 LoRA ``alpha / rank`` with rank = rows of the down (A) matrix, 1 without alpha; LoKr ``alpha / rank``
 only when a factor is decomposed (rank of ``w2_b``, else ``w1_b``), otherwise 1.
 """
