@@ -40,8 +40,9 @@ log = logging.getLogger("flux2kit")
 _SPLIT = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
           "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
 _FUSED_OF = {part: (fused, i) for fused, parts in _SPLIT.items() for i, part in enumerate(parts)}
-_EPS = torch.finfo(torch.float32).eps
-VARIANT_NAMES = {"dev": "FLUX.2 [dev]", "klein-4b": "FLUX.2 [klein] 4B", "klein-9b": "FLUX.2 [klein] 9B"}  # ComfyUI adds the eps of its fp32 compute dtype to DoRA norms
+_EPS = torch.finfo(torch.float32).eps  # ComfyUI adds the eps of its fp32 compute dtype to DoRA norms
+# Checkpoint variants (files/transformer_checkpoint.py) as messages name them.
+VARIANT_NAMES = {"dev": "FLUX.2 [dev]", "klein-4b": "FLUX.2 [klein] 4B", "klein-9b": "FLUX.2 [klein] 9B"}
 
 
 @dataclass(frozen=True)
