@@ -38,7 +38,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from ..errors import Flux2KitError, UnsupportedFormatError
