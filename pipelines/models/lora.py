@@ -116,7 +116,13 @@ class Binding:
     def _prepare(self, device, dtype) -> dict[str, Tensor]:
         a, t = self.adapter, self.adapter.tensors
         if a.kind == "lora":
-            return {"down": t["down"].to(device, dtype), "up": self._rows(t["up"]).to(device, dtype)}
+            up = self._rows(t["up"])
+            if self.dora is not None:
+                return {"down": t["down"].to(device, dtype), "up": up.to(device, dtype)}
+            # A plain LoRA adds (x A^T) (s B)^T straight into the layer's output: scale and strength
+            # folded into B once, one matmul-accumulate per call and no temporary of the output's size.
+            return {"down": t["down"].to(device, dtype),
+                    "up_scaled": (up.float() * (a.scale * self.strength)).to(device, dtype)}
         if a.kind == "full":
             return {"diff": self._rows(t["diff"]).to(device, dtype)}
         return {"w1": lokr_factor(t, 1).to(device, dtype), "w2": lokr_factor(t, 2).to(device, dtype)}
@@ -127,7 +133,7 @@ class Binding:
     # -- the delta
 
     def delta(self, x: Tensor) -> Tensor:
-        """``delta_W @ x`` for this binding's rows (the file's scale included, strength not)."""
+        """``delta_W @ x`` for this binding's rows (the file's scale included, strength not): LoKr, full, DoRA."""
         p, a = self.prepared(x.device, x.dtype), self.adapter
         if a.kind == "lora":
             return F.linear(F.linear(x, p["down"]) * a.scale, p["up"])
@@ -155,11 +161,18 @@ class Binding:
 
     def add_to(self, x: Tensor, base_out: Tensor, out: Tensor) -> Tensor:
         """``out`` plus this binding's side branch (``base_out`` is the layer's output without adapters)."""
-        s = self.strength
-        if self.dora is None:
-            branch = self.delta(x) * s
-        else:
+        if self.dora is not None:
             branch = self.dora.branch(self, x, base_out)
+        elif self.adapter.kind == "lora":
+            p = self.prepared(x.device, x.dtype)
+            h = F.linear(x, p["down"])
+            if out.is_contiguous():
+                target = _features_of(out.view(-1, out.shape[-1]), self.dst)
+                target.addmm_(h.reshape(-1, h.shape[-1]), p["up_scaled"].t())
+                return out
+            branch = F.linear(h, p["up_scaled"])
+        else:
+            branch = self.delta(x) * self.strength
         if self.dst is None:
             return out.add_(branch)
         _features_of(out, self.dst).add_(branch)
@@ -342,6 +355,8 @@ def bind_lora(model: nn.Module, entry: LoraEntry, model_name: str = "the transfo
                 f"{adapter.target} is {total_out}x{features[1]}: this LoRA does not fit {model_name} (wrong model, "
                 "or a damaged file).")
         for path, module, src, dst in fits:
+            if entry.strength_for(path) == 0.0:  # a block kind switched off by its factor: checked, not run
+                continue
             b = Binding(adapter, path, module, src, dst, entry.strength_for(path))
             bindings.append(b)
             by_adapter.setdefault(id(adapter), []).append(b)
