@@ -10,11 +10,12 @@ median of ``--runs``:
   and merged (the deltas added into FP8/fp32 weight copies once, before timing; the one-time merge is
   timed separately).
 
-Memory, in a fresh interpreter: RSS after loading the base and one forward, then the growth from two
-FLUX.2 Load LoRA-style variants of that one base (different LoRAs, side branch, one forward each),
-from merge mode, and from a copy of the base (what sharing avoids).
+Memory, one fresh interpreter per scenario, after the same three forwards: the base alone, then the
+growth from two FLUX.2 Load LoRA-style variants of that one base (different LoRAs, side branch), from a
+merged variant, and from a copy of the base (what sharing avoids).
 
-    python bench/lora_forward.py            # ~0.5B model, about 6 minutes on 2 cores
+    python bench/lora_forward.py            # ~0.5B model, about 6 minutes on 2 quiet cores
+    python bench/lora_forward.py --threads 1 --clock cpu   # on a busy shared machine: CPU time of one thread
     python bench/lora_forward.py --quick    # tiny smoke run, ~30 s
 """
 
@@ -31,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Row, RssMeter, dev_proportions, gib, interleaved_times, load_average, machine_facts, print_result, ratio,
+    Row, RssMeter, Timings, dev_proportions, gib, interleaved_times, load_average, machine_facts, print_result, ratio,
     run_measurements, table,
 )
 from transformer_forward import QUICK, inputs, ours_forward  # noqa: E402
@@ -49,9 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="square image side in pixels; 16 px per token")
     p.add_argument("--text-len", type=int, default=128, help="text tokens (the real model uses 512)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time forwards by wall clock, or by this process's CPU time (for a busy shared machine; "
+                        "best with --threads 1)")
     p.add_argument("--workdir", help="where the files go (default: a temporary folder, removed after)")
     p.add_argument("--quick", action="store_true", help="tiny model and inputs, 2 runs: checks the script works")
-    p.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--measure-memory", choices=SCENARIOS, help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--loras", nargs="*", default=[], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -82,7 +86,14 @@ def save_files(model, workdir: str, weights: str) -> dict:
 
 # -- the subprocess side: memory of variants on one base -------------------------------------------
 
-def measure_memory(path: str, loras: list[str], image_size: int, text_len: int) -> dict:
+SCENARIOS = ("base", "two variants", "merged variant", "copy of the base")
+
+
+def measure_memory(scenario: str, path: str, loras: list[str], image_size: int, text_len: int) -> dict:
+    """RSS (and its anonymous part) after three forwards in a fresh interpreter, in one of ``SCENARIOS``:
+    the base three times; base, variant A, variant B (two FLUX.2 Load LoRA nodes on one base); base and a
+    merged variant twice; base and a deep copy of the base twice (what a variant would cost without sharing).
+    The same forwards everywhere, so the differences are what each scenario keeps."""
     import torch
 
     from flux2kit.pipelines.files.lora_formats import read_lora
@@ -91,28 +102,48 @@ def measure_memory(path: str, loras: list[str], image_size: int, text_len: int) 
 
     meter = RssMeter()
     base = load_transformer(path, device="cpu")
+    files = [read_lora(p) for p in loras[:2]] if scenario != "base" else []
+    if scenario == "two variants":
+        runs = [base] + [apply_loras(base, [LoraEntry(f, 0.8)]) for f in files]
+    elif scenario == "merged variant":
+        runs = [base] + 2 * [apply_loras(base, [LoraEntry(files[0], 0.8, merge=True)])]
+    elif scenario == "copy of the base":
+        twin = copy.copy(base)
+        twin.model = copy.deepcopy(base.model)
+        runs = [base, twin, twin]
+    else:
+        runs = [base] * 3
     x = inputs(base.text_width, image_size, text_len)
     with torch.inference_mode():
-        ours_forward(base, x)
-    result = {"base": meter.resident()}
-    files = [read_lora(p) for p in loras[:2]]
-    result["files"] = sum(f.nbytes for f in files)
-    variants = [apply_loras(base, [LoraEntry(f, 0.8)]) for f in files]
-    with torch.inference_mode():
-        for v in variants:
-            ours_forward(v, x)
-    result["two_variants"] = meter.resident() - result["base"]
-    merged = apply_loras(base, [LoraEntry(files[0], 0.8, merge=True)])
-    with torch.inference_mode():
-        ours_forward(merged, x)
-    result["merged_variant"] = meter.resident() - result["base"] - result["two_variants"]
-    result["merged_planned"] = merged.merged.planned_bytes(base.model)
-    # Everything stays alive, so each growth is measured on top of the last (freed memory is not reused).
-    copied = copy.deepcopy(base.model)  # what a variant would cost without sharing: one more base
-    result["copy_of_base"] = meter.resident() - result["base"] - result["two_variants"] - result["merged_variant"]
-    del copied, merged, variants
+        for t in runs:
+            ours_forward(t, x)
+    _release_free_heap()
+    result = {"resident": meter.resident(), "anon": _anon(meter), "files": sum(f.nbytes for f in files)}
     meter.stop()
     return result
+
+
+def _release_free_heap() -> None:
+    """glibc keeps freed mid-sized blocks (a layer's temporary fp32 weight) in its heap; give them back, so
+    RSS counts what is alive, not what the allocator kept (no-op without glibc)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _anon(meter) -> int | None:
+    """Anonymous resident memory grown since ``meter`` started (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            now = next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return None
+    return None if meter.anon_base is None else now - meter.anon_base
 
 
 # -- the main side ----------------------------------------------------------------------------------
@@ -140,8 +171,21 @@ def time_forwards(args, files: dict, x: dict):
                 errors[(rank, n)] = (((b - a).norm() / a.norm()).item(), ((a - reference).norm() / reference.norm()).item())
                 contenders[f"{n} x rank {rank}, side branch"] = side
                 contenders[f"{n} x rank {rank}, merged"] = merged
-        times = interleaved_times({name: (lambda t=t: ours_forward(t, x)) for name, t in contenders.items()},
-                                  runs=args.runs, progress=log)
+        cpu: dict[str, list[float]] = {name: [] for name in contenders}
+
+        def timed(name, t):
+            def call():
+                start = time.process_time()
+                ours_forward(t, x)
+                cpu[name].append(time.process_time() - start)
+            return call
+
+        # --clock cpu: this process's CPU seconds (all its threads), which other processes on a shared
+        # machine do not inflate the way they inflate wall time; no round is timed again for them.
+        times = interleaved_times({name: timed(name, t) for name, t in contenders.items()}, runs=args.runs,
+                                  progress=log, max_foreign=1e9 if args.clock == "cpu" else 0.25)
+    if args.clock == "cpu":
+        times = Timings({name: values[-args.runs:] for name, values in cpu.items()}, times.redone, times.contended)
     return times, merge_seconds, errors
 
 
@@ -161,11 +205,12 @@ def run(args):
     try:
         files = save_files(model, workdir, args.weights)
         del model
-        log("measuring the memory of LoRA'd variants in a fresh process ...")
+        log("measuring the memory of LoRA'd variants, one fresh process per scenario ...")
         script = os.path.abspath(__file__)
-        memory = run_measurements({"memory": [script, "--measure-memory", "--path", files["base"], "--threads",
-                                              str(args.threads), "--image-size", str(args.image_size), "--text-len",
-                                              str(args.text_len), "--loras", files["r16-0"], files["r16-1"]]})["memory"]
+        memory = run_measurements({name: [script, "--measure-memory", name, "--path", files["base"], "--threads",
+                                          str(args.threads), "--image-size", str(args.image_size), "--text-len",
+                                          str(args.text_len), "--loras", files["r16-0"], files["r16-1"]]
+                                   for name in SCENARIOS})
         log(f"timing forwards (load average {load_average()}) ...")
         times, merge_seconds, errors = time_forwards(args, files, x)
     finally:
@@ -177,7 +222,8 @@ def run(args):
         Row("model", f"{n_params / 1e9:.3f} B params, width {config['num_attention_heads'] * 128}, "
                      f"{config['num_layers']}+{config['num_single_layers']} blocks, {args.weights} file"),
         Row("tokens", f"{x['latents'].shape[1]} image ({args.image_size}px) + {x['text'].shape[1]} text"),
-        Row(f"forward, no LoRA (median of {args.runs})", times.summary("no LoRA"), "1.000", "baseline"),
+        Row(f"forward, no LoRA ({args.clock} time, median of {args.runs})", times.summary("no LoRA"), "1.000",
+            "baseline"),
     ]
     for rank in RANKS:
         for n in COUNTS:
@@ -195,19 +241,25 @@ def run(args):
     rows += [
         Row("rounds with other processes busy: timed again / kept", f"{times.redone} / {times.contended}", "",
             "0 / 0 on a quiet machine"),
-        Row("RSS: base after load + 1 forward", gib(memory["base"]), "1.000", "baseline"),
-        Row("RSS growth: 2 LoRA'd variants of the base (rank 16, side branch) / base", gib(memory["two_variants"]),
-            ratio(memory["two_variants"], memory["base"]), f"~ LoRA files ({gib(memory['files'])}) in fp32"),
-        Row("RSS growth: one merged variant / base", gib(memory["merged_variant"]),
-            ratio(memory["merged_variant"], memory["base"]), f"~ merged layers ({gib(memory['merged_planned'])})"),
-        Row("RSS growth: a copy of the base (no sharing) / base", gib(memory["copy_of_base"]),
-            ratio(memory["copy_of_base"], memory["base"]), "what sharing saves per variant"),
+        Row("RSS after 3 forwards, the base alone", _mem(memory["base"]), "1.000", "baseline"),
     ]
+    base_rss = memory["base"]["resident"]
+    for name, target in (("two variants", f"~ the two LoRAs ({gib(memory['two variants']['files'])} as read)"),
+                         ("merged variant", "~ the merged layers' weights"),
+                         ("copy of the base", "what sharing saves per variant")):
+        grown = memory[name]["resident"] - base_rss
+        rows.append(Row(f"RSS growth: {name} / the base", f"{gib(grown)} ({_mem(memory[name])})",
+                        ratio(grown, base_rss), target))
     notes = []
     if times.contended:
         notes.append(f"WARNING: other processes kept the CPU busy during {times.contended} of the kept rounds; "
                      "these timings are not reliable. Run again on a quiet machine.")
     return rows, notes
+
+
+def _mem(m: dict) -> str:
+    anon = "" if m.get("anon") is None else f", anon {gib(m['anon'])}"
+    return f"{gib(m['resident'])}{anon}"
 
 
 def main(argv=None) -> int:
@@ -216,11 +268,11 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        print_result(measure_memory(args.path, args.loras, args.image_size, args.text_len))
+        print_result(measure_memory(args.measure_memory, args.path, args.loras, args.image_size, args.text_len))
         return 0
     start = time.perf_counter()
     rows, notes = run(args)
-    print(f"# LoRA forward{' (--quick)' if args.quick else ''}: {machine_facts()}")
+    print(f"# LoRA forward{' (--quick)' if args.quick else ''}, {args.clock} clock: {machine_facts()}")
     print(table(rows))
     for note in notes:
         print(f"# {note}")
