@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
-from lora_reference import inputs, rel, run
 
 from flux2kit.pipelines.demo_models import DEMO_FILES
 from flux2kit.pipelines.demo_models import lora as demo
 from flux2kit.pipelines.errors import Flux2KitError
+from flux2kit.testing.lora_reference import inputs, rel, run
 
 GEN = dict(aspect_ratio="1:1", resolution="1 MP", width=64, height=64, num_inference_steps=2, guidance=4.0, seed=3,
            batch_size=1)

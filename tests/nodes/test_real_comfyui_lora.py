@@ -17,8 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
-from comfyui_server import REPO, comfyui_path, comfyui_python, linked_custom_node
+from flux2kit.testing.real_comfyui import REPO, comfyui_path, comfyui_python
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -69,7 +68,7 @@ PROBE = textwrap.dedent('''
         print(json.dumps({"dtype": str(dm.img_in.weight.dtype),
                           "not_loaded": [m for m in capture.messages if "not loaded" in m or "NOT LOADED" in m]}))
     elif task == "accounting":
-        sys.path.insert(0, os.path.join(comfy_root, "custom_nodes"))
+        sys.path.insert(0, args["custom_nodes"])  # the test server's own custom_nodes: flux2kit -> this checkout
         import flux2kit
         from flux2kit.nodes.loaders import TransformerLoader
         from flux2kit.nodes.lora import LoraLoader
@@ -245,7 +244,7 @@ def test_comfyui_swaps_norm_out_rows_but_not_their_dora_scale(setup, tmp_path):
     assert rel(ours(setup, [("norm_dora.safetensors", 1.0)]), out) > 100 * TOLERANCE
 
 
-def test_lora_workflow_runs_on_comfyui_and_strength_changes_rerun_only_the_lora(comfyui):  # noqa: F811
+def test_lora_workflow_runs_on_comfyui_and_strength_changes_rerun_only_the_lora(comfyui):
     workflow = json.loads((REPO / "workflows" / "api" / "lora_text_to_image.json").read_text())
     names = comfyui.model_names
     workflow["1"]["inputs"]["model_name"] = names["transformer"]
@@ -278,7 +277,7 @@ def test_lora_workflow_runs_on_comfyui_and_strength_changes_rerun_only_the_lora(
     assert comfyui.run(workflow).ok  # ComfyUI keeps running, the loaded transformer unharmed
 
 
-def test_lora_variants_share_the_base_in_comfyuis_memory_accounting(setup, tmp_path, comfyui):  # noqa: F811
+def test_lora_variants_share_the_base_in_comfyuis_memory_accounting(setup, tmp_path, comfyui):
     import shutil
 
     from flux2kit.pipelines.demo_models import lora as demo
@@ -286,9 +285,8 @@ def test_lora_variants_share_the_base_in_comfyuis_memory_accounting(setup, tmp_p
     lora = demo.random_lora(_tiny_config(), rank=4, seed=9)
     demo.save_lora(lora, str(setup["root"] / "loras" / "acct.safetensors"), "bfl", alpha=4.0)
     shutil.copy(setup["model"], setup["root"] / "models" / "acct_base.safetensors")
-    with linked_custom_node(comfyui_path()):
-        info = run_probe(tmp_path, "accounting", models=str(setup["root"] / "models"),
-                         loras_dir=str(setup["root"] / "loras"), model="acct_base.safetensors", lora="acct.safetensors")
+    info = run_probe(tmp_path, "accounting", models=str(setup["root"] / "models"), loras_dir=str(setup["root"] / "loras"),
+                     model="acct_base.safetensors", lora="acct.safetensors", custom_nodes=str(comfyui.root / "custom_nodes"))
     assert info["flux2kit"].startswith(str(REPO))  # this checkout's nodes ran
     assert info["clones"] == [True, True] and info["same_model"] and info["parents"] == [True, True]
     assert info["shared_weights"]

@@ -7,9 +7,6 @@ import copy
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
-from lora_reference import (
-    bfl_weights, diffusers_with_lora, inputs, merged_model, rel, run, run_diffusers,
-)
 from safetensors.torch import save_file
 from transformers import Mistral3ForConditionalGeneration
 
@@ -22,6 +19,9 @@ from flux2kit.pipelines.models.lora import LoraEntry, LoraTransformer, apply_lor
 from flux2kit.pipelines.models.text_encoder import load_text_encoder
 from flux2kit.pipelines.models.transformer import load_transformer
 from flux2kit.pipelines.models.vae import load_vae
+from flux2kit.testing.lora_reference import (
+    bfl_weights, diffusers_with_lora, inputs, merged_model, rel, run, run_diffusers,
+)
 
 peft = pytest.importorskip("peft")
 

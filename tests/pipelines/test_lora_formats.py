@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-from lora_reference import inputs, merged_model, rel, run, run_diffusers
 from safetensors.torch import save_file
 
 from flux2kit.pipelines.demo_models import lora as demo
@@ -15,6 +14,7 @@ from flux2kit.pipelines.errors import Flux2KitError, UnsupportedFormatError
 from flux2kit.pipelines.files.lora_formats import convert_lora, read_lora, training_info
 from flux2kit.pipelines.models.lora import LoraEntry, apply_loras, check_loras_fit
 from flux2kit.pipelines.models.transformer import load_transformer
+from flux2kit.testing.lora_reference import inputs, merged_model, rel, run, run_diffusers
 
 # fp32 everywhere: what differs between formats (and from the reference) is summation order only, e.g.
 # a fused q|k|v delta against three separate ones. Measured: 5e-7 on every format.
@@ -100,7 +100,7 @@ def test_mixed_ranks_and_alphas_are_listed(tiny_transformer, tmp_path):
 def test_peft_metadata_scales_equal_peft(tiny_transformer, tmp_path):
     """lora_alpha, alpha_pattern, rank_pattern and use_rslora from the adapter metadata give peft's own scaling."""
     pytest.importorskip("peft")
-    from lora_reference import diffusers_with_lora
+    from flux2kit.testing.lora_reference import diffusers_with_lora
 
     config = dict(tiny_transformer.config)
     lora = demo.random_lora(config, rank=4, seed=4, layers=["double_blocks.0.img_attn.qkv", "img_in"])

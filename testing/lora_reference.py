@@ -15,8 +15,8 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
-from flux2kit.pipelines.demo_models.transformer import to_bfl
-from flux2kit.pipelines.generation.sampling import latent_ids, text_ids
+from ..pipelines.demo_models.transformer import to_bfl
+from ..pipelines.generation.sampling import latent_ids, text_ids
 
 
 def inputs(text_width: int = 384, seed: int = 1, h: int = 4, w: int = 6, text_len: int = 16) -> dict:
