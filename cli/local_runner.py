@@ -27,12 +27,14 @@ LOADERS = {
     "Flux2KitTransformerLoader": ("model_name", "transformer", ("diffusion_models",)),
     "Flux2KitTextEncoderLoader": ("text_encoder_name", "text_encoder", ("text_encoders",)),
     "Flux2KitVAELoader": ("vae_name", "vae", ("vae",)),
+    "Flux2KitLoraLoader": ("lora_name", "lora", ("loras",)),
 }
 # ComfyUI's model folder names and their sub-folders of a models directory (folder_paths' defaults).
 MODEL_FOLDERS = {
     "diffusion_models": ("diffusion_models", "unet"),
     "text_encoders": ("text_encoders", "clip"),
     "vae": ("vae",),
+    "loras": ("loras",),
     "diffusers": ("diffusers",),
 }
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

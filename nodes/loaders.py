@@ -26,18 +26,6 @@ PARTS_LABELS = {"FLUX.2 layers (encode only)": "flux2", "full model, for prompt 
                 "full model, text only (no vision tower)": "full-text"}
 
 
-def _file_fingerprint(folders: tuple[str, ...], choice: str):
-    """Reload when the file (or a folder's newest file) changes on disk under the same name."""
-    try:
-        path = services.resolve_model(folders, choice)
-        if os.path.isdir(path):
-            return max((os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs), default=0)
-        st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns)
-    except Exception:  # missing: the loader itself reports it
-        return None
-
-
 def _bytes(module: torch.nn.Module, skip=()) -> int:
     skip_ids = {id(t) for m in skip for t in list(m.parameters()) + list(m.buffers())}
     tensors = list(module.parameters()) + list(module.buffers())
@@ -81,7 +69,7 @@ class TransformerLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_name, weight_mode, offload_blocks, klein_mode="auto"):
-        return _file_fingerprint(services.TRANSFORMER_FOLDERS, model_name)
+        return services.file_fingerprint(services.TRANSFORMER_FOLDERS, model_name)
 
     @classmethod
     def execute(cls, model_name, weight_mode, offload_blocks, klein_mode="auto") -> io.NodeOutput:
@@ -201,7 +189,7 @@ class TextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, text_encoder_name, weight_mode=None, parts=None):
-        return _file_fingerprint(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
+        return services.file_fingerprint(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
 
     @classmethod
     def execute(cls, text_encoder_name, weight_mode=None, parts=None) -> io.NodeOutput:
@@ -241,7 +229,7 @@ class VAELoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, vae_name):
-        return _file_fingerprint(services.VAE_FOLDERS, vae_name)
+        return services.file_fingerprint(services.VAE_FOLDERS, vae_name)
 
     @classmethod
     def execute(cls, vae_name) -> io.NodeOutput:

@@ -19,6 +19,7 @@ log = logging.getLogger("flux2kit")
 TRANSFORMER_FOLDERS = ("diffusion_models",)
 TEXT_ENCODER_FOLDERS = ("text_encoders",)
 VAE_FOLDERS = ("vae",)
+LORA_FOLDERS = ("loras",)
 _WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 
 
@@ -64,6 +65,29 @@ def list_models(folders: tuple[str, ...], *, component: str, files: bool = True)
     for root in _roots("diffusers"):
         out += [f for f in _model_folders(root, component) if os.path.isdir(os.path.join(root, f, component))]
     return sorted(dict.fromkeys(out))
+
+
+def list_files(folders: tuple[str, ...]) -> list[str]:
+    """Every file ComfyUI lists in ``folders`` (pickles too, so that choosing one gets a clear refusal)."""
+    out: list[str] = []
+    for name in folders:
+        try:
+            out += list(folder_paths.get_filename_list(name))
+        except (KeyError, AttributeError):
+            pass
+    return sorted(dict.fromkeys(out))
+
+
+def file_fingerprint(folders: tuple[str, ...], choice: str):
+    """Changes when the file (or a folder's newest file) changes on disk under the same name: reload then."""
+    try:
+        path = resolve_model(folders, choice)
+        if os.path.isdir(path):
+            return max((os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs), default=0)
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except Exception:  # missing: the loader itself reports it
+        return None
 
 
 def model_roots(folders: tuple[str, ...]) -> list[str]:
@@ -115,12 +139,16 @@ def offload_device() -> torch.device:
     return torch.device("cpu")
 
 
-def attach_patcher(engine_object, module: torch.nn.Module, *, size: int | None = None) -> None:
+def attach_patcher(engine_object, module: torch.nn.Module, *, size: int | None = None, clone_of=None) -> None:
     """Register an engine model with ComfyUI's memory accounting (``engine_object.patcher``).
 
     ComfyUI can then move it off the GPU when another model needs the memory, and "Free model and
     node cache" (/free) unloads it. The patcher moves the whole model at once (never split across
     devices); the engine object's own ``to`` keeps its device bookkeeping right.
+
+    ``clone_of``: a patcher whose model this object shares (a LoRA'd variant of a loaded base). The new
+    patcher holds the same model object, as core's ``ModelPatcher.clone`` does, so ComfyUI counts the
+    base once (``is_clone``) and unloads one variant's bookkeeping when another loads.
     """
     engine_object.patcher = None
     try:
@@ -164,10 +192,15 @@ def attach_patcher(engine_object, module: torch.nn.Module, *, size: int | None =
 
     if size is None:
         size = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    holder = _Holder(module)
-    holder.device = getattr(engine_object, "device", torch.device("cpu"))
+    if clone_of is not None:
+        holder = clone_of.model
+    else:
+        holder = _Holder(module)
+        holder.device = getattr(engine_object, "device", torch.device("cpu"))
     engine_object.patcher = Flux2KitPatcher(holder, load_device=compute_device(), offload_device=offload_device(),
                                             size=size)
+    if clone_of is not None:
+        engine_object.patcher.parent = clone_of  # like ModelPatcher.clone: ComfyUI falls back to the base
 
 
 def load_to_device(*engine_objects, memory_required: int = 0) -> None:

@@ -155,7 +155,8 @@ class ComfyUIServer:
             f"    base_path: {json.dumps(str(self.models))}\n"
             "    diffusion_models: diffusion_models/\n"
             "    text_encoders: text_encoders/\n"
-            "    vae: vae/\n",
+            "    vae: vae/\n"
+            "    loras: loras/\n",
             encoding="utf-8",
         )
         self._log_file = open(self.log_path, "wb")
@@ -322,6 +323,7 @@ def build_models(models: Path) -> dict[str, str]:
         "transformer": name(DEMO_FILES["transformer"]),
         "text_encoder": name(DEMO_FILES["text_encoder"]),
         "vae": name(DEMO_FILES["vae"]),
+        "lora": name(DEMO_FILES["lora"]),
         "comfy_vae": name(COMFY_VAE),
         "not_a_model": name(NOT_A_MODEL),
     }

@@ -15,7 +15,7 @@ STEMS = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 WIDGET_TYPES = {"COMBO", "INT", "FLOAT", "STRING", "BOOLEAN", "COMFY_DYNAMICCOMBO_V3", "COLOR"}  # a DynamicCombo is a widget too
 LOADER_MODEL_INPUTS = {("Flux2KitTransformerLoader", "model_name"), ("Flux2KitTextEncoderLoader", "text_encoder_name"),
-                       ("Flux2KitVAELoader", "vae_name"), ("LoadImage", "image")}
+                       ("Flux2KitVAELoader", "vae_name"), ("Flux2KitLoraLoader", "lora_name"), ("LoadImage", "image")}
 
 
 def load(path):
@@ -59,7 +59,8 @@ def control_widgets(cls):
 
 def test_every_workflow_has_a_twin():
     assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit",
-                     "json_prompt_palette", "prompt_upsample_reference", "text_to_image", "three_reference_edit"]
+                     "json_prompt_palette", "lora_text_to_image", "prompt_upsample_reference", "text_to_image",
+                     "three_reference_edit"]
     assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
 
 
@@ -310,6 +311,6 @@ def test_defaults_show_flux2(stem):
     else:
         assert not refs and s["aspect_ratio"] == "1:1"
     model_names = {n["class_type"]: list(n["inputs"].values())[0] for n in api.values()
-                   if n["class_type"].endswith("Loader")}
+                   if n["class_type"].endswith("Loader") and n["class_type"] != "Flux2KitLoraLoader"}
     assert model_names == {"Flux2KitTransformerLoader": "flux2_dev_fp8mixed.safetensors",
                            "Flux2KitTextEncoderLoader": "FLUX.2-dev/", "Flux2KitVAELoader": "flux2-vae.safetensors"}
