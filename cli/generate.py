@@ -37,10 +37,12 @@ def add_demo_arguments(demo) -> None:
 def add_generate_arguments(gen) -> None:
     dev = DEFAULTS["dev"]
     add = gen.add_argument
-    add("--transformer", required=True, metavar="PATH", help="transformer file or diffusers folder")
+    add("--transformer", required=True, metavar="PATH", help="transformer file (safetensors or GGUF) or diffusers folder")
     add("--text-encoder", required=True, metavar="PATH",
-        help="text encoder: a Hugging Face folder or a ComfyUI single file (Mistral-Small-3 for [dev], Qwen3 for [klein])")
-    add("--tokenizer", metavar="DIR", help="tokenizer folder for a Qwen3 single-file text encoder (it carries none)")
+        help="text encoder: a Hugging Face folder, a ComfyUI single file or a llama.cpp GGUF (Mistral-Small-3 for "
+             "[dev], Qwen3 for [klein])")
+    add("--tokenizer", metavar="DIR", help="tokenizer folder for a single-file text encoder that carries none (ComfyUI's "
+                                           "Qwen3 files, GGUFs without a vocabulary)")
     add("--vae", required=True, metavar="PATH", help="VAE file (flux2-vae.safetensors) or diffusers folder")
     add("--prompt", default="", metavar="TEXT", help="text or a JSON prompt (may be empty when --image is given)")
     add("--image", dest="images", action="extend", nargs="+", default=[], metavar="PATH",
@@ -128,6 +130,7 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
 
     # The real encoder (24B) and transformer (32B) do not fit in memory together: encode the prompt,
     # free the encoder, then load the transformer.
+    _announce_gguf(paths["text_encoder"], "text_encoder", text_encoder_device)
     with timed(f"Loading the text encoder from {paths['text_encoder']}"):
         text_encoder = load_text_encoder(paths["text_encoder"], device=text_encoder_device, tokenizer=tokenizer)
     with timed("Encoding the prompt"):
@@ -138,6 +141,7 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
     del text_encoder
     with timed(f"Loading the VAE from {paths['vae']}"):
         vae = load_vae(paths["vae"], device=device)
+    _announce_gguf(paths["transformer"], "transformer", device)
     with timed(f"Loading the transformer from {paths['transformer']}"):
         transformer = load_transformer(paths["transformer"], device=device, offload_blocks=offload_blocks,
                                        klein_mode=klein_mode)
@@ -156,6 +160,16 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
             "references": [os.path.basename(p) for p in image_paths],
             "models": {k: os.path.basename(os.path.normpath(v)) for k, v in paths.items()}}
     return save_pngs(pixels, out_dir, prefix, base)
+
+
+def _announce_gguf(path: str, kind: str, device) -> None:
+    """A GGUF file's quantization mix and the memory it will take, before it loads."""
+    from ..pipelines.devices import default_dtype
+    from ..pipelines.files.gguf import is_gguf
+    from ..pipelines.files.memory_estimate import describe_before_loading
+
+    if os.path.isfile(path) and is_gguf(path):
+        say(describe_before_loading(path, kind, default_dtype(device)))
 
 
 def open_image(path: str, number: int):

@@ -89,9 +89,9 @@ class TextEncoderCheckpoint:
     @property
     def description(self) -> str:
         q = {"none": "bf16/fp32", "gguf": "GGUF"}.get(self.quantization, "FP8")
-        if self.quantization == "gguf":  # the mix of the tensors FLUX.2 reads, e.g. "GGUF Q4_K x120, Q6_K x31, F32 x61"
+        if self.quantization == "gguf":  # the mix of the tensors FLUX.2 reads, e.g. "Q4_K x120, Q6_K x31, F32 x61"
             kept = [k for k in self.files.keys() if is_kept_key(k[len(self.prefix):], self.family)]
-            q += " " + ", ".join(f"{name} x{n}" for name, (n, _) in self.files.type_mix(kept).items())
+            q = ", ".join(f"{name} x{n}" for name, (n, _) in self.files.type_mix(kept).items())
         kind = ("GGUF file" if self.quantization == "gguf" else "ComfyUI single file") if self.single_file \
             else "Hugging Face folder"
         c = self.config
