@@ -65,7 +65,7 @@ def encode(values: np.ndarray, ggml_type, rng: np.random.Generator) -> tuple[np.
     if t.name == "F16":
         half = values.astype(np.float16)
         return half, half.astype(np.float32)
-    if t.name in QUANTIZABLE:
+    if t.name in QUANTIZABLE or t.name not in _FP16_FIELDS:  # e.g. TQ2_0, which flux2kit does not run
         packed = gguf.quants.quantize(values, t)
     else:
         packed = random_blocks(t, int(np.prod(values.shape[:-1])), values.shape[-1], rng).reshape(

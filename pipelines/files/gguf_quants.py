@@ -35,7 +35,8 @@ def _types():
     import gguf
 
     T = gguf.GGMLQuantizationType
-    return (T.F32, T.F16, *_diffusers_gguf().SUPPORTED_GGUF_QUANT_TYPES)
+    types = {T.F32, T.F16, *_diffusers_gguf().SUPPORTED_GGUF_QUANT_TYPES}
+    return tuple(sorted(types, key=lambda t: (-bits_per_weight(t), t.name)))  # F32, F16, BF16, Q8_0, ... Q2_K
 
 
 class _SupportedTypes:

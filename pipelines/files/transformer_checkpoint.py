@@ -87,15 +87,15 @@ class TransformerCheckpoint:
 def _foreign_model_error(name: str, keys: list[str]) -> Flux2KitError:
     joined = "\n".join(keys[:4000])
     hint = "Put a FLUX.2 transformer here (e.g. flux2_dev_fp8mixed.safetensors in models/diffusion_models)."
-    if "img_mod.lin.weight" in joined or "vector_in.in_layer" in joined or "x_embedder.proj" in joined:
+    if "joint_blocks." in joined:  # before FLUX.1: SD3 shares its x_embedder.proj name
+        what = "a Stable Diffusion 3 checkpoint"
+    elif "img_mod.lin.weight" in joined or "vector_in.in_layer" in joined or "x_embedder.proj" in joined:
         what = "a FLUX.1 checkpoint"
     elif "input_blocks." in joined or "conditioner.embedders" in joined or "down_blocks.0.attentions" in joined:
         what = "a Stable Diffusion / SDXL checkpoint"
     elif "decoder.conv_in" in joined or "decoder.up" in joined or "encoder.down" in joined:
         what = "a VAE"
         hint = "Load it with the VAE loader; the transformer slot needs a FLUX.2 diffusion model."
-    elif "joint_blocks." in joined:
-        what = "a Stable Diffusion 3 checkpoint"
     elif "embed_tokens" in joined or ".self_attn.q_proj" in joined or "token_embd.weight" in joined or ".attn_q." in joined:
         what = "a text encoder"
         hint = "Load it with the text encoder loader; the transformer slot needs a FLUX.2 diffusion model."
