@@ -170,7 +170,7 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _llama_cpp_name(hf: str) -> str | None:
+def llama_cpp_name(hf: str) -> str | None:
     if hf == "embed_tokens.weight":
         return "token_embd.weight"
     if hf == "norm.weight":
@@ -204,7 +204,7 @@ def save_tiny_text_encoder_gguf(model, tokenizer, path: str, *, arch: str, ggml_
     for hf in sorted(state):
         if hf.startswith("layers.") and int(hf.split(".")[1]) >= layers:
             continue
-        name = _llama_cpp_name(hf)
+        name = llama_cpp_name(hf)
         if name is None:
             continue
         values = state[hf].numpy()
