@@ -109,11 +109,12 @@ def transformer_type(name: str, shape, choice) -> str:
 
 
 def save_tiny_transformer_gguf(model, path: str, types="Q8_0", *, seed: int = 0, prefix: str = "",
-                               is_distilled: bool | None = None) -> dict[str, torch.Tensor]:
+                               is_distilled: bool | None = None, vectors: str = "F32") -> dict[str, torch.Tensor]:
     """Write a diffusers ``Flux2Transformer2DModel`` as a ComfyUI-GGUF FLUX.2 file; returns the dequantized
     values by BFL name (what the file holds, as ``gguf.quants.dequantize`` reads it).
 
-    ``types``: one type for the block weights, or a list cycled over them (a mixed file).
+    ``types``: one type for the block weights, or a list cycled over them (a mixed file). ``vectors``:
+    the type of 1-D tensors (ComfyUI-GGUF writes F32; "BF16" makes a file diffusers cannot run).
     """
     from .transformer import to_bfl
 
@@ -125,6 +126,8 @@ def save_tiny_transformer_gguf(model, path: str, types="Q8_0", *, seed: int = 0,
         values = bfl[name].numpy()
         choice = cycle[i % len(cycle)]
         t = transformer_type(name, values.shape, choice)
+        if values.ndim == 1:
+            t = vectors
         if t == _T(choice).name:
             i += 1
         stored, deq = encode(values, t, rng)

@@ -20,6 +20,8 @@ from typing import Iterable
 
 import torch
 
+# Token embeddings look up rows (GGUFEmbedding dequantizes only the prompt's), never the whole table.
+_EMBEDDINGS = ("embed_tokens.weight", "token_embd.weight")
 _BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
 
@@ -73,7 +75,7 @@ def estimate(costs: Iterable[TensorCost], dtype: torch.dtype) -> MemoryEstimate:
         held = c.stored_bytes if c.kept_as_stored else c.numel * itemsize
         file_bytes += c.stored_bytes
         resident += held
-        if c.kept_as_stored:
+        if c.kept_as_stored and not c.name.endswith(_EMBEDDINGS):
             largest_layer = max(largest_layer, c.numel * itemsize)
         m = _BLOCK.match(c.name)
         if m:

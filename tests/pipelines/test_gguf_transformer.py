@@ -184,6 +184,16 @@ def test_prefixed_names_load_too(tiny_transformer, tmp_path):
     assert rel(ours_forward(t, inputs(384)), diffusers_forward(reference, inputs(384))) <= EXACT
 
 
+def test_bf16_vectors_load_as_floats(tiny_transformer, tmp_path):
+    """Norm scales stored as BF16 (some converters) are read as floats: diffusers' GGUF path fails on them."""
+    path = str(tmp_path / "bf16-vectors.gguf")
+    reference = dequantized_transformer(tiny_transformer, save_tiny_transformer_gguf(
+        tiny_transformer, path, "Q8_0", vectors="BF16"))
+    assert GGUFFile(path).tensor("double_blocks.0.img_attn.norm.query_norm.scale").type_name == "BF16"
+    t = load_transformer(path, device="cpu", dtype=torch.float32)
+    assert rel(ours_forward(t, inputs(384)), diffusers_forward(reference, inputs(384))) <= EXACT
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 
