@@ -342,6 +342,8 @@ def build_models(models: Path) -> dict[str, str]:
         "vae": name(DEMO_FILES["vae"]),
         "comfy_vae": name(COMFY_VAE),
         "not_a_model": name(NOT_A_MODEL),
+        "transformer_gguf": name(DEMO_FILES["transformer_gguf"]),
+        "text_encoder_gguf": name(DEMO_FILES["text_encoder_gguf"]),
     }
 
 

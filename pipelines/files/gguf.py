@@ -41,8 +41,12 @@ _STRING, _ARRAY = 8, 9
 
 
 def _gguf():
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:  # a ComfyUI install that skipped requirements.txt
+        raise Flux2KitError("Reading GGUF files needs the gguf package, which flux2kit's requirements list: run "
+                            "pip install -r requirements.txt in the flux2kit folder (or pip install gguf), then "
+                            "restart.") from None
     return gguf
 
 
