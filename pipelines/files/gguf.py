@@ -372,8 +372,14 @@ def supported_type_names() -> str:
 
 
 def describe_mix(mix: dict[str, tuple[int, int]]) -> str:
-    """``Q4_K x420 (9.84 GB), BF16 x12 (0.50 GB), F32 x300 (0.01 GB)``: a file's quantization mix."""
-    return ", ".join(f"{name} x{n} ({size / 1e9:.2f} GB)" for name, (n, size) in mix.items())
+    """``Q4_K 16.92 GB (91%), Q5_K 1.26 GB (7%), BF16 0.50 GB (3%), F32 0.01 GB``: a file's mix by bytes."""
+    total = sum(size for _, size in mix.values()) or 1
+    parts = []
+    for name, (_, size) in mix.items():
+        amount = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        share = f" ({100 * size / total:.0f}%)" if size / total >= 0.005 else ""
+        parts.append(f"{name} {amount}{share}")
+    return ", ".join(parts)
 
 
 def packed_layers(files, prefix: str = "") -> dict[str, object]:

@@ -138,18 +138,26 @@ def describe_before_loading(path, kind: str, dtype: torch.dtype, *, tokenizer_gi
 
     ``kind`` is "transformer" or "text_encoder". Reads headers only.
     """
+    from .gguf import GGUFTensors, describe_mix
+
     if kind == "transformer":
         from .transformer_checkpoint import inspect_transformer
 
         ckpt = inspect_transformer(path)
-        try:
-            return f"{ckpt.description}\n{transformer_estimate(ckpt, dtype).describe()}"
-        finally:
-            ckpt.files.close()
-    from .text_encoder_checkpoint import inspect_text_encoder
+        estimate, keys = transformer_estimate(ckpt, dtype), None
+    else:
+        from .text_encoder_checkpoint import inspect_text_encoder, is_kept_key
 
-    ckpt = inspect_text_encoder(path, tokenizer_given=tokenizer_given)
+        ckpt = inspect_text_encoder(path, tokenizer_given=tokenizer_given)
+        estimate = text_encoder_estimate(ckpt, dtype)
+        keys = [k for k in ckpt.files.keys() if k.startswith(ckpt.prefix)
+                and is_kept_key(k[len(ckpt.prefix):], ckpt.family)]
     try:
-        return f"{ckpt.description}\n{text_encoder_estimate(ckpt, dtype).describe(blocks=False)}"
+        lines = [ckpt.description]
+        if isinstance(ckpt.files, GGUFTensors):
+            lines.append("by size" + (" (what FLUX.2 reads)" if keys is not None else "") + ": "
+                         + describe_mix(ckpt.files.type_mix(keys)))
+        lines.append(estimate.describe(blocks=kind == "transformer"))
+        return "\n".join(lines)
     finally:
         ckpt.files.close()

@@ -139,6 +139,20 @@ def test_quantized_text_encoder_has_llama_cpps_layout(family, tmp_path):
     assert ((ours - expected).abs().max() / expected.abs().max()).item() <= 1e-5
 
 
+def test_fp8_from_a_gguf(dev_gguf, tmp_path):
+    """The FP8 writer reads a GGUF like any other transformer: its dequantized weights, re-quantized to FP8."""
+    from flux2kit.pipelines.models.fp8_linear import fp8_linears
+
+    out = tmp_path / "from-gguf-fp8.safetensors"
+    code, _, stderr = run("quantize", dev_gguf, out)
+    assert code == 0, stderr
+    fp8 = load_transformer(str(out), device="cpu")
+    on_load = load_transformer(dev_gguf, device="cpu", weights="quantize")
+    assert len(fp8_linears(fp8.model)) == 20 and fp8.quantization == "comfy-fp8"
+    a, b = fp8.model.state_dict(), on_load.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
 def test_quantize_format_errors(transformer_files, tmp_path):
     code, _, stderr = run("quantize", transformer_files["bfl"], tmp_path / "x.safetensors", "--format", "gguf-q8_0")
     assert code != 0 and "OUT must end in .gguf" in stderr

@@ -150,7 +150,8 @@ def test_type_mix_and_dispatch(every_type, tmp_path):
     mix = f.type_mix()
     assert mix["Q8_0"] == (1, 16 * 544) and mix["F32"] == (1, 512 * 4) and sum(n for n, _ in mix.values()) == len(f.keys())
     assert list(mix)[0] == "F32" or mix[list(mix)[0]][1] == max(size for _, size in mix.values())  # largest first
-    assert "Q4_K x1 (" in describe_mix(mix)
+    assert describe_mix({"Q4_K": (400, 16_920_000_000), "BF16": (8, 500_000_000), "F32": (300, 10_000_000)}) == \
+        "Q4_K 16.92 GB (97%), BF16 0.50 GB (3%), F32 10.0 MB"
     assert is_gguf(path) and isinstance(open_weights(path), GGUFFile)
     from safetensors.torch import save_file
 
