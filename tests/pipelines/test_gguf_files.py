@@ -195,3 +195,16 @@ def test_not_gguf_and_missing(tmp_path):
     with pytest.raises(Flux2KitError, match="not found"):
         GGUFFile(tmp_path / "nope.gguf")
     assert not os.path.exists(tmp_path / "nope.gguf")
+
+
+def test_a_gguf_where_only_safetensors_work(tmp_path, every_type):
+    """The VAE loader reads safetensors only: a GGUF there is named as such, with what to download."""
+    import shutil
+
+    from flux2kit.pipelines.models.vae import load_vae
+
+    path, _ = every_type
+    shutil.copy(path, tmp_path / "flux2-vae.safetensors")  # a GGUF under a safetensors name: the bytes decide
+    with pytest.raises(UnsupportedFormatError, match="is a GGUF file. flux2kit reads GGUF FLUX.2 transformers and "
+                                                     "text encoders.*download the .safetensors version"):
+        load_vae(str(tmp_path / "flux2-vae.safetensors"), device="cpu")
