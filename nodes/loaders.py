@@ -175,9 +175,9 @@ class TextEncoderLoader(io.ComfyNode):
                                        "Qwen tokenizer), or a GGUF in models/text_encoders or models/clip (e.g. "
                                        "Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf, Qwen3-4B-Q8_0.gguf)."),
                 io.Combo.Input("weight_mode", options=list(WEIGHT_MODE_LABELS), default="fp8 as stored", optional=True,
-                               tooltip="fp8 as stored: an FP8 file stays FP8 in memory, a bf16 one stays bf16. bf16: expand "
-                                       "FP8 layers at load. fp8 quantize on load: the attention and MLP linears become FP8 "
-                                       "while loading (about half the memory of bf16)."),
+                               tooltip="fp8 as stored: an FP8 file stays FP8 in memory, a GGUF stays quantized, a bf16 "
+                                       "one stays bf16. bf16: expand FP8 or GGUF layers at load. fp8 quantize on load: the "
+                                       "attention and MLP linears become FP8 while loading (about half the memory of bf16)."),
             ],
             outputs=[TextEncoder.Output(display_name="text_encoder", tooltip="The loaded text encoder.")],
             hidden=[io.Hidden.unique_id],

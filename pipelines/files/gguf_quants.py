@@ -95,6 +95,9 @@ def dequantize(packed: torch.Tensor, ggml_type, shape, dtype: torch.dtype = torc
     cols = shape[-1] if shape else 1
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     data = packed.reshape(rows, cols // block * size)
+    if out is None and rows * cols <= CHUNK_VALUES:  # one pass: no output buffer to copy into
+        values = fn(data.reshape(-1, size), block, size, torch.float32).reshape(shape)
+        return values if dtype == torch.float32 else values.to(dtype)
     result = out if out is not None else torch.empty((rows, cols), dtype=dtype, device=packed.device)
     result = result.view(rows, cols)
     step = max(1, CHUNK_VALUES // max(cols, 1))
