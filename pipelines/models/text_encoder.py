@@ -399,7 +399,11 @@ def _swap_in_gguf_layers(model, ckpt: TextEncoderCheckpoint, num_layers: int, dt
     for layer, ggml_type in packed_layers(ckpt.files, ckpt.prefix).items():
         if not _kept(layer, num_layers):
             continue
-        twin = gguf_module_for(model.get_submodule(layer), ggml_type, compute_dtype=dtype)
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            continue  # no such layer: the tensor loop below reports it
+        twin = gguf_module_for(module, ggml_type, compute_dtype=dtype)
         if twin is not None:
             set_module(model, layer, twin)
             swapped[layer] = twin
