@@ -170,7 +170,7 @@ def test_generate_runs_on_gguf_files(tmp_path):
     paths = build_demo_models(str(tmp_path / "models"))
     code, stdout, stderr = run("generate", "--transformer", paths["transformer_gguf"], "--text-encoder",
                                paths["text_encoder_gguf"], "--vae", paths["vae"], "--prompt", "a lighthouse",
-                               "--width", 80, "--height", 64, "--steps", 2, "--seed", 3, "--out", tmp_path / "out",
+                               "--width", 80, "--height", 64, "--steps", 1, "--seed", 3, "--out", tmp_path / "out",
                                "--device", "cpu")
     assert code == 0, stderr
     assert "GGUF file, Q8_0 x" in stderr and "weights in memory" in stderr  # announced before loading
@@ -179,7 +179,7 @@ def test_generate_runs_on_gguf_files(tmp_path):
         pixels = np.asarray(im.convert("RGB"))
     expected = generate(load_transformer(paths["transformer_gguf"], device="cpu"),
                         load_text_encoder(paths["text_encoder_gguf"]), load_vae(paths["vae"], device="cpu"),
-                        prompt="a lighthouse", width=80, height=64, num_inference_steps=2, seed=3, guidance=4.0)
+                        prompt="a lighthouse", width=80, height=64, num_inference_steps=1, seed=3, guidance=4.0)
     assert np.array_equal(pixels, (expected[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 

@@ -40,6 +40,12 @@ def qwen3_reference(model, tokenizer, prompts=PROMPTS):
 
 @pytest.fixture(scope="module")
 def mistral():
+    """The tiny Mistral3 of the demo set (hidden size 128)."""
+    return build_tiny_mistral3(seed=0)
+
+
+@pytest.fixture(scope="module")
+def mistral256():
     """A tiny Mistral3 with hidden size 256, so its q/k/v/gate/up rows take 256-value K-quant blocks."""
     return build_tiny_mistral3(seed=0, hidden_size=256)
 
@@ -50,57 +56,57 @@ def qwen3():
 
 
 @pytest.fixture(scope="module")
-def files(mistral, qwen3, tmp_path_factory):
-    """name -> (path, family, reference model holding the file's dequantized weights)."""
+def files(mistral, mistral256, qwen3, tmp_path_factory):
+    """name -> (path, family, reference model holding the file's dequantized weights, its tokenizer)."""
     root = tmp_path_factory.mktemp("gguf_text")
     out = {}
     for arch, t in [("llama", "Q8_0"), ("mistral3", "Q8_0"), ("llama", "Q4_K"), ("mistral3", "Q6_K"),
                     ("qwen3", "Q8_0"), ("qwen3", "Q5_1"), ("qwen3", "BF16")]:
-        model, tok = qwen3 if arch == "qwen3" else mistral
+        model, tok = qwen3 if arch == "qwen3" else mistral256 if t.endswith("_K") else mistral
         path = str(root / f"{arch}-{t}.gguf")
         reference = save_tiny_text_encoder_gguf(model, tok, path, arch=arch, ggml_type=t, seed=5)
-        out[f"{arch}-{t}"] = (path, "qwen3" if arch == "qwen3" else "mistral", dequantized_text_model(model, reference))
+        out[f"{arch}-{t}"] = (path, "qwen3" if arch == "qwen3" else "mistral", dequantized_text_model(model, reference),
+                              tok)
     return out
 
 
 @pytest.mark.parametrize("name", ["llama-Q8_0", "mistral3-Q8_0", "llama-Q4_K", "mistral3-Q6_K", "qwen3-Q8_0",
                                   "qwen3-Q5_1", "qwen3-BF16"])
-def test_embeddings_equal_the_dequantized_model(name, files, mistral, qwen3):
-    path, family, reference = files[name]
+def test_embeddings_equal_the_dequantized_model(name, files):
+    path, family, reference, tok = files[name]
     te = load_text_encoder(path, dtype=torch.float32)
     assert te.family == family
     ours = te.encode(PROMPTS).embeds
-    expected = (qwen3_reference(reference, qwen3[1]) if family == "qwen3" else mistral_reference(reference, mistral[1]))
+    expected = qwen3_reference(reference, tok) if family == "qwen3" else mistral_reference(reference, tok)
     print(f"{name}: max relative difference {rel(ours, expected):.1e}")
     assert ours.shape == expected.shape and rel(ours, expected) <= EXACT
     other = te.encode(["something else entirely"] * 2).embeds
     assert rel(other, expected) > 1e-2  # not vacuous
 
 
-@pytest.mark.parametrize("name", ["llama-Q8_0", "mistral3-Q6_K"])
-def test_the_un_permutation_is_what_makes_them_equal(name, files, mistral, monkeypatch):
+@pytest.mark.parametrize("name", ["llama-Q8_0", "mistral3-Q8_0"])
+def test_the_un_permutation_is_what_makes_them_equal(name, files, monkeypatch):
     """Negative control: reading the permuted Q/K rows as they are gives other embeddings."""
-    path, _, reference = files[name]
+    path, _, reference, tok = files[name]
     monkeypatch.setattr(gguf_text_encoder, "PERMUTED_ARCHS", ())
     wrong = load_text_encoder(path, dtype=torch.float32).encode(PROMPTS).embeds
-    assert rel(wrong, mistral_reference(reference, mistral[1])) > 1e-3
+    assert rel(wrong, mistral_reference(reference, tok)) > 1e-3
 
 
-def test_transformers_gguf_loader_agrees(files, mistral):
+def test_transformers_gguf_loader_agrees(files):
     """transformers reads llama-architecture GGUFs itself (dequantizing and un-permuting): same embeddings."""
     from transformers import AutoModelForCausalLM
 
-    path, _, _ = files["llama-Q4_K"]
+    path, _, _, tok = files["llama-Q8_0"]
     theirs = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   torch_dtype=torch.float32).eval()
     ours = load_text_encoder(path, dtype=torch.float32).encode(PROMPTS).embeds
-    assert rel(ours, mistral_reference(theirs, mistral[1])) <= EXACT
+    assert rel(ours, mistral_reference(theirs, tok)) <= EXACT
 
 
 @pytest.mark.parametrize("name", ["mistral3-Q8_0", "qwen3-Q8_0"])
-def test_the_files_vocabulary_tokenizes_like_the_original(name, files, mistral, qwen3):
-    path, family, _ = files[name]
-    original = qwen3[1] if family == "qwen3" else mistral[1]
+def test_the_files_vocabulary_tokenizes_like_the_original(name, files):
+    path, family, _, original = files[name]
     tok = load_text_encoder(path).tokenizer
     assert len(tok) == len(original) and tok.pad_token == original.pad_token
     texts = PROMPTS + ["", "  spaces  and\nnewlines\t", "数字 12345 and émojis 👩‍👩‍👧"]
@@ -113,8 +119,8 @@ def test_the_files_vocabulary_tokenizes_like_the_original(name, files, mistral, 
                 == original.apply_chat_template(format_messages(texts), **kw)["input_ids"])
 
 
-def test_only_the_read_layers_load_and_stay_packed(files):
-    path, _, _ = files["llama-Q4_K"]
+def test_only_the_read_layers_load_and_stay_packed(files):  # the hidden-256 model: K-quant rows
+    path, _, _, _ = files["llama-Q4_K"]
     te = load_text_encoder(path, dtype=torch.float32)
     assert len(te.model.layers) == 30  # of 32: hidden state 30 is the last FLUX.2 reads
     assert isinstance(te.model.embed_tokens, GGUFEmbedding) and te.model.embed_tokens.ggml_type.name == "Q4_K"
@@ -158,7 +164,7 @@ def test_a_text_encoder_that_does_not_fit_the_transformer(files, transformer_fil
 
     transformer = load_transformer(transformer_files["comfy-fp8"], device="cpu")  # tiny [dev]: 384-wide text input
     vae = load_vae(tiny_vae[1], device="cpu")
-    wide = load_text_encoder(files["llama-Q8_0"][0])  # a Mistral of width 256: 768-wide embeddings
+    wide = load_text_encoder(files["llama-Q4_K"][0])  # a Mistral of width 256: 768-wide embeddings
     with pytest.raises(Flux2KitError, match="makes 768-wide embeddings but the transformer expects 384"):
         generate(transformer, wide, vae, prompt="a fox", width=64, height=64, num_inference_steps=1)
     qwen = load_text_encoder(files["qwen3-Q8_0"][0])
@@ -225,27 +231,27 @@ def test_unsupported_types_matter_only_where_flux2_reads(qwen3, tmp_path):
         load_text_encoder(str(tmp_path / "early.gguf"))
 
 
-def test_quantize_on_load_from_gguf(files, mistral, tmp_path):
+def test_quantize_on_load_from_gguf(files, tmp_path):
     """FP8 quantize-on-load reads the GGUF's dequantized weights: the same FP8 model as from an fp32 file of them."""
     from flux2kit.pipelines.files.quantize import write_comfy_text_encoder
     from flux2kit.pipelines.files.safetensors import StateDictFiles
     from flux2kit.pipelines.files.tokenizers import tekken_from_tokenizer
 
-    path, _, reference = files["mistral3-Q8_0"]
+    path, _, reference, tok = files["mistral3-Q8_0"]
     te = load_text_encoder(path, weights="quantize")
     assert gguf_layers(te.model) == [] and len(fp8_linears(te.model)) == 7 * 30
     prefix = "model.language_model."
     state = {k: v.detach().clone() for k, v in reference.state_dict().items() if k.startswith(prefix)}
     fp32 = write_comfy_text_encoder(StateDictFiles(state), prefix, reference.config.text_config,
                                     str(tmp_path / "dequantized_fp32.safetensors"), quantize=False,
-                                    tekken=tekken_from_tokenizer(mistral[1]))
+                                    tekken=tekken_from_tokenizer(tok))
     same = load_text_encoder(fp32, weights="quantize")
     assert rel(te.encode(PROMPTS).embeds, same.encode(PROMPTS).embeds) <= EXACT
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_compute(files, qwen3, dtype):
-    path, _, reference = files["qwen3-Q8_0"]
+def test_half_compute(files, dtype):
+    path, _, reference, tok = files["qwen3-Q8_0"]
     te = load_text_encoder(path, dtype=dtype)
     out = te.encode(PROMPTS).embeds
-    assert out.dtype == dtype and rel(out.float(), qwen3_reference(reference, qwen3[1])) < 0.05
+    assert out.dtype == dtype and rel(out.float(), qwen3_reference(reference, tok)) < 0.05
