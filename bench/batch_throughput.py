@@ -1,6 +1,6 @@
 """``flux2kit batch`` throughput: jobs per minute with 1, 2 and 3 servers, and the dispatcher's own cost per job.
 
-Servers: ``tests/batch_servers.py`` processes speaking ComfyUI's protocol, each running flux2kit's
+Servers: ``flux2kit.testing.fake_comfyui`` processes speaking ComfyUI's protocol, each running flux2kit's
 nodes on the tiny demo models with ONE torch thread (``text_to_image``, ``--size``, ``--steps``; the
 prompt is the same for every job and the seed changes, like a seed sweep, so each job runs the
 sampler, the decoder and the save). On a machine with C cores the ceiling is about min(servers, C)
@@ -33,11 +33,10 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+# _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
+from _common import Row, load_average, ratio, table
 
-from _common import Row, load_average, ratio, table  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEMO_NAMES = ["Flux2KitTransformerLoader.model_name=flux2_dev_tiny_fp8mixed.safetensors",
               "Flux2KitTextEncoderLoader.text_encoder_name=mistral_3_small_tiny/",
@@ -66,7 +65,7 @@ def log(msg: str) -> None:
 
 def run_batch(workflow: str, out: str, urls: list[str], jobs: int, args, seed0: int) -> tuple[float, float]:
     """(seconds from the first submission to the summary, this process's CPU seconds) for one batch."""
-    from flux2kit.batch import batch_command
+    from flux2kit.cli.batch import batch_command
     from flux2kit.cli import build_parser
 
     argv = ["batch", workflow, "--out", out, "--sweep", f"seed={seed0}..{seed0 + jobs - 1}",
@@ -88,7 +87,7 @@ def run_batch(workflow: str, out: str, urls: list[str], jobs: int, args, seed0: 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from batch_servers import start_servers
+    from flux2kit.testing.fake_comfyui import start_servers
 
     repo = os.path.dirname(HERE)
     workflow = os.path.join(repo, "workflows", "api", "text_to_image.json")

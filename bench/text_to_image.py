@@ -23,9 +23,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import Row, dev_proportions, interleaved_times, machine_facts, median, ratio, table  # noqa: E402
+# _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
+from _common import Row, dev_proportions, interleaved_times, machine_facts, median, ratio, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -69,6 +69,17 @@ def add_generate_arguments(gen) -> None:
     add("--text-encoder-device", metavar="DEVICE", help="where to run the text encoder (default: --device)")
     add("--offload-blocks", action="store_true",
         help="keep transformer blocks in RAM and move each to the GPU only while it runs")
+    up = gen.add_argument_group("prompt upsampling", "rewrite the prompt with FLUX.2 [dev]'s own text encoder first "
+                                "(the whole model: its Hugging Face folder, 48 GB in bf16); the references are shown to it")
+    up.add_argument("--upsample", action="store_true",
+                    help="upsample the prompt before encoding it (seeded by --seed; printed and saved in the PNGs)")
+    up.add_argument("--upsample-temperature", type=float, default=0.15, metavar="T",
+                    help="sampling temperature, 0-2 (default: 0.15, as diffusers and BFL; 0 = most likely words)")
+    up.add_argument("--upsample-max-new-tokens", type=int, default=512, metavar="N",
+                    help="at most N new tokens, 1-2048 (default: 512)")
+    up.add_argument("--upsample-text-encoder", metavar="PATH",
+                    help="the Mistral text encoder folder to upsample with (default: --text-encoder; [klein] needs "
+                         "FLUX.2 [dev]'s, as BFL's reference code does)")
 
 
 def run_demo(args) -> None:
@@ -95,16 +106,25 @@ def run_generate(args) -> None:
     params = dict(prompt=args.prompt, aspect_ratio=args.aspect_ratio, resolution=args.resolution, width=args.width,
                   height=args.height, num_inference_steps=args.steps, guidance=args.guidance, seed=args.seed,
                   batch_size=args.batch_size)
+    upsample = None
+    if args.upsample:
+        upsample = {"temperature": args.upsample_temperature, "max_new_tokens": args.upsample_max_new_tokens,
+                    "text_encoder": args.upsample_text_encoder}
     saved = generate_files(paths, params, args.images, out_dir=args.out, device=args.device,
                            text_encoder_device=args.text_encoder_device, offload_blocks=args.offload_blocks,
-                           prefix="flux2kit", klein_mode=args.klein_mode, tokenizer=args.tokenizer)
+                           prefix="flux2kit", klein_mode=args.klein_mode, tokenizer=args.tokenizer, upsample=upsample)
     for path in saved:
         print(path)
 
 
 def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir: str, device, text_encoder_device,
-                   offload_blocks: bool, prefix: str, klein_mode: str = "auto", tokenizer: str | None = None) -> list[str]:
-    """Make the images and save them as PNGs; returns their absolute paths."""
+                   offload_blocks: bool, prefix: str, klein_mode: str = "auto", tokenizer: str | None = None,
+                   upsample: dict | None = None) -> list[str]:
+    """Make the images and save them as PNGs; returns their absolute paths.
+
+    ``upsample``: ``{"temperature", "max_new_tokens", "text_encoder"}`` to rewrite the prompt first (seeded by
+    the noise seed) with the whole FLUX.2 [dev] text encoder; the PNGs record both prompts.
+    """
     from ..pipelines.files.transformer_checkpoint import inspect_transformer, resolve_klein_mode
     from ..pipelines.generation.generate import generate
     from ..pipelines.models.text_encoder import load_text_encoder
@@ -130,11 +150,17 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
 
     # The real encoder (24B) and transformer (32B) do not fit in memory together: encode the prompt,
     # free the encoder, then load the transformer.
-    _announce_gguf(paths["text_encoder"], "text_encoder", text_encoder_device)
-    with timed(f"Loading the text encoder from {paths['text_encoder']}"):
-        text_encoder = load_text_encoder(paths["text_encoder"], device=text_encoder_device, tokenizer=tokenizer)
+    prompt, extra = job.request.prompt, {}
+    text_encoder = None
+    if upsample is not None:
+        text_encoder, prompt, extra = upsample_prompt_files(paths["text_encoder"], upsample, prompt, images, job.request.seed,
+                                                            device=text_encoder_device)
+    if text_encoder is None:
+        _announce_gguf(paths["text_encoder"], "text_encoder", text_encoder_device)
+        with timed(f"Loading the text encoder from {paths['text_encoder']}"):
+            text_encoder = load_text_encoder(paths["text_encoder"], device=text_encoder_device, tokenizer=tokenizer)
     with timed("Encoding the prompt"):
-        encoded = text_encoder.encode(job.request.prompt)
+        encoded = text_encoder.encode(prompt)
         if cfg:  # [klein] base guides against the empty prompt
             encoded.negative = text_encoder.negative_embeds().embeds
     text_encoder.release()
@@ -156,7 +182,7 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
     if ctrl_c.pressed():  # pressed during decoding: the user still asked for no output
         raise KeyboardInterrupt
 
-    base = {**params, "width": job.width, "height": job.height, "software": f"flux2kit {__version__}",
+    base = {**params, **extra, "width": job.width, "height": job.height, "software": f"flux2kit {__version__}",
             "references": [os.path.basename(p) for p in image_paths],
             "models": {k: os.path.basename(os.path.normpath(v)) for k, v in paths.items()}}
     return save_pngs(pixels, out_dir, prefix, base)
@@ -170,6 +196,35 @@ def _announce_gguf(path: str, kind: str, device) -> None:
 
     if os.path.isfile(path) and is_gguf(path):
         say(describe_before_loading(path, kind, default_dtype(device)))
+
+
+def upsample_prompt_files(text_encoder_path: str, options: dict, prompt: str, images: list, seed: int, *, device):
+    """Upsample ``prompt`` (``--upsample``): ``(encoder to encode with or None, new prompt, PNG metadata)``.
+
+    With the generation's own encoder the loaded whole model also encodes (it encodes exactly like the trimmed
+    one); a separate ``--upsample-text-encoder`` is freed at once.
+    """
+    from ..pipelines.models.full_text_encoder import load_full_text_encoder
+    from ..pipelines.prompting.upsample import upsample_prompt
+
+    path = options.get("text_encoder") or text_encoder_path
+    with timed(f"Loading the whole text encoder for prompt upsampling from {path}"):
+        encoder = load_full_text_encoder(path, device=device, vision=bool(images))
+    for note in encoder.notes:
+        say(f"note: {note}")
+    with timed("Upsampling the prompt"), CtrlC() as ctrl_c:
+        result = upsample_prompt(encoder, prompt, images, temperature=options["temperature"], seed=seed,
+                                 max_new_tokens=options["max_new_tokens"], should_cancel=ctrl_c.pressed)
+    for note in result.notes:
+        say(f"note: {note}")
+    say(f"Upsampled prompt ({result.mode}):\n{result.text}")
+    extra = {"prompt": result.text, "original_prompt": prompt,
+             "upsampling": {"mode": result.mode, "temperature": options["temperature"], "seed": seed,
+                            "max_new_tokens": options["max_new_tokens"], "fell_back": result.fell_back}}
+    if options.get("text_encoder") and os.path.abspath(path) != os.path.abspath(text_encoder_path):
+        encoder.release()
+        return None, result.text, extra
+    return encoder, result.text, extra
 
 
 def open_image(path: str, number: int):

@@ -93,8 +93,11 @@ def _image_path(name: str) -> str:
     if not os.path.isfile(path) and os.path.isfile(name):
         path = os.path.abspath(name)
     if not os.path.isfile(path):
+        from ..nodes import example_inputs
+
+        example = f" flux2kit's example image is {example_inputs.FOLDER / name}." if name in example_inputs.NAMES else ""
         raise Flux2KitError(f"image {name!r} is not in the input folder ({folder_paths.get_input_directory()}). "
-                            "Put it there, or pass --image NODE=PATH.")
+                            f"Put it there, or pass --image NODE=PATH.{example}")
     return path
 
 
@@ -255,11 +258,15 @@ class LocalRunner:
         for nid in order:
             node = workflow[nid]
             cls, finalized, _ = self._spec(nid, node)
+            # A DynamicCombo whose value is none of its options is left out of the finalized inputs: its value is
+            # checked against the declared spec (as check_workflow does), not ignored.
+            declared = self._schema(node["class_type"])[1]
             for name, spec in finalized["required"].items():
                 if name not in node["inputs"]:
                     raise NodeError(nid, node["class_type"], f"required input {name!r} is missing.")
             for name, value in node["inputs"].items():
-                spec = finalized["required"].get(name) or finalized["optional"].get(name)
+                spec = (finalized["required"].get(name) or finalized["optional"].get(name)
+                        or (declared.get("required") or {}).get(name) or (declared.get("optional") or {}).get(name))
                 if spec is None:
                     continue  # ComfyUI ignores inputs a node does not declare (e.g. LoadImage's "upload")
                 if is_link(value):
@@ -285,7 +292,8 @@ class LocalRunner:
         checked_by_node = LOADERS.get(node["class_type"], (None,))[0] == name or node["class_type"] == "LoadImage"
         problem = check_value(spec, value, check_options=not checked_by_node)
         if problem:
-            raise NodeError(nid, node["class_type"], f"input {name!r} {problem}.")
+            end = "" if problem.endswith(".") else "."  # a problem that quotes a sentence keeps one full stop
+            raise NodeError(nid, node["class_type"], f"input {name!r} {problem}{end}")
 
     # -- execution
 

@@ -24,7 +24,7 @@ from ..pipelines.generation.request import check_prompt_or_images
 from ..pipelines.hosted.errors import ApiError, Cancelled, redact
 from ..pipelines.hosted.jobs import JobRunner, RetryPolicy
 from ..pipelines.hosted.transport import host_of
-from ..pipelines.parameters import OUTPUT_FORMATS
+from ..pipelines.parameters import MAX_PIXELS, MAX_SIDE, MEGAPIXEL, MIN_SIDE, OUTPUT_FORMATS, RESOLUTIONS, SIZE_MULTIPLE
 from . import services
 from .encode import images_input, ordered_images
 from .sampling import generation_inputs
@@ -50,11 +50,28 @@ def _model_choices() -> dict[str, tuple[str, str]]:
 MODELS = _model_choices()
 
 
-def _provider_inputs(provider: str) -> list:
+def browser_table() -> dict:
+    """The facts web/flux2kit_api.js needs to show the cost estimate and which inputs apply, from the same
+    provider classes the node runs (served at /flux2kit/api_models, so there is one price list)."""
+    return {
+        "models": {key: AP.make_provider(p, m).browser_facts() for key, (p, m) in MODELS.items()},
+        "size": {"megapixel": MEGAPIXEL, "resolutions": RESOLUTIONS, "multiple": SIZE_MULTIPLE, "min_side": MIN_SIDE,
+                 "max_side": MAX_SIDE, "max_pixels": MAX_PIXELS},
+    }
+
+
+def _provider_inputs(provider: str, model: str = "") -> list:
     if provider == "bfl":
-        return [io.Int.Input("safety_tolerance", default=2, min=0, max=5,
-                             tooltip="Black Forest Labs' moderation of input and output: 0 strictest, 5 most "
-                                     "permissive (default 2).")]
+        inputs = [io.Int.Input("safety_tolerance", default=2, min=0, max=5,
+                               tooltip="Black Forest Labs' moderation of input and output: 0 strictest, 5 most "
+                                       "permissive (default 2).")]
+        if model in AP.BFL.UPSAMPLING_MODELS:
+            inputs.append(io.Boolean.Input(
+                "prompt_upsampling", default=False,
+                tooltip="Let BFL's server rewrite the prompt into a more detailed one before generating (BFL's own "
+                        "default for this model is on; flux2kit sends off unless you turn it on, so the prompt you "
+                        "write is the one that runs). To see and keep the rewritten text, use FLUX.2 Prompt Upsample."))
+        return inputs
     return [
         io.Boolean.Input("disable_safety_checker", default=False,
                          tooltip="Oxen.ai: turn off the safety checker for generated images."),
@@ -65,8 +82,8 @@ def _provider_inputs(provider: str) -> list:
 
 
 def model_input() -> io.DynamicCombo.Input:
-    return io.DynamicCombo.Input("model", options=[io.DynamicCombo.Option(key, _provider_inputs(p))
-                                                   for key, (p, _) in MODELS.items()],
+    return io.DynamicCombo.Input("model", options=[io.DynamicCombo.Option(key, _provider_inputs(p, m))
+                                                   for key, (p, m) in MODELS.items()],
                                  tooltip="Provider and model. BFL = Black Forest Labs (api.bfl.ai, key BFL_API_KEY); "
                                          "Oxen = Oxen.ai (hub.oxen.ai, key OXEN_API_KEY). Provider-specific "
                                          "inputs appear under the choice.")
@@ -138,6 +155,14 @@ def _trusted_hosts(provider: str) -> list[str]:
     return hosts + ([host_of(env_base)] if env_base else [])
 
 
+def _base_url(provider: str, value: str) -> tuple[str | None, str]:
+    """The base URL to use (None: the provider's default) and where it came from, for messages."""
+    if (value or "").strip():
+        return value.strip(), "the base_url input"
+    env = BASE_URL_ENV[provider]
+    return os.environ.get(env, "").strip() or None, f"the environment variable {env}"
+
+
 def to_image_tensor(images: list[PIL.Image.Image]) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, 3) in 0..1; a differing size is resized to the first image's (LANCZOS)."""
     size = images[0].size
@@ -181,8 +206,8 @@ class APIGenerate(io.ComfyNode):
                 io.Int.Input("max_concurrent", default=4, min=1, max=MAX_CONCURRENT, advanced=True,
                              tooltip="Jobs in flight at once for a batch (BFL allows about 24 per account)."),
                 io.Int.Input("timeout", default=600, min=10, max=3600, advanced=True,
-                             tooltip="Seconds for the whole batch. Polling stops then with a message (the provider "
-                                     "may still finish and charge the job)."),
+                             tooltip="Seconds for the whole batch: submitting, polling and downloading stop then "
+                                     "with a message (a job already sent may still finish and be charged)."),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The generated images, in seed order."),
@@ -211,14 +236,15 @@ class APIGenerate(io.ComfyNode):
         check_prompt_or_images(prompt, flat)
 
         # everything is checked before anything is sent
-        base = (base_url or "").strip() or os.environ.get(BASE_URL_ENV[provider_id], "").strip() or None
+        base, source = _base_url(provider_id, base_url)
         trusted = _trusted_hosts(provider_id)
         provider = AP.make_provider(provider_id, model_name, base, trusted, mode=extras.get("mode", "queue"))
-        provider.check_base_url(trusted)
+        provider.check_base_url(trusted, source=source)
         request = AP.Request(prompt=prompt, images=flat, aspect_ratio=aspect_ratio, resolution=resolution,
                              width=width or 0, height=height or 0, num_inference_steps=num_inference_steps,
                              guidance=guidance, seed=seed, batch_size=batch_size, output_format=output_format,
                              output_quality=output_quality, safety_tolerance=extras.get("safety_tolerance", 2),
+                             prompt_upsampling=bool(extras.get("prompt_upsampling", False)),
                              disable_safety_checker=extras.get("disable_safety_checker", False),
                              mode=extras.get("mode", "queue"))
         plan = provider.plan(request)
@@ -246,7 +272,10 @@ class APIGenerate(io.ComfyNode):
         done = (f"done: {len(results)} of {len(plan.jobs)} image(s), cost {_money(cost if cost >= 0 else None)} ({how}); "
                 f"request ids: {ids.replace(chr(10), ', ')}")
         services.show_text(node_id, "\n".join([header, *warnings, done]))
-        return io.NodeOutput(to_image_tensor(pils), ids, seeds, cost)
+        # the browser shows the cost of the last run next to the estimate (web/flux2kit_api.js)
+        ui = {"flux2kit_cost": [{"usd": cost if cost >= 0 else None, "how": how, "images": len(results),
+                                 "requested": len(plan.jobs)}]}
+        return io.NodeOutput(to_image_tensor(pils), ids, seeds, cost, ui=ui)
 
     @classmethod
     def _run(cls, provider, key, plan, max_concurrent, timeout, node_id, header):

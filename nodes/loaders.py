@@ -8,10 +8,12 @@ import torch
 from comfy_api.latest import io
 
 from ..pipelines.devices import default_dtype
+from ..pipelines.errors import Flux2KitError
 from ..pipelines.files.gguf import GGUFFile, is_gguf
 from ..pipelines.files.memory_estimate import describe_before_loading
 from ..pipelines.files.safetensors import read_header
 from ..pipelines.models.fp8_linear import WEIGHT_MODES
+from ..pipelines.models.full_text_encoder import load_full_text_encoder
 from ..pipelines.models.text_encoder import load_text_encoder
 from ..pipelines.models.transformer import load_transformer
 from ..pipelines.models.vae import load_vae
@@ -21,6 +23,9 @@ from .types import CATEGORY, VAE, TextEncoder, Transformer
 
 # The loader's labels for the engine's weight modes (labels are saved in workflows: keep them).
 WEIGHT_MODE_LABELS = dict(zip(("fp8 as stored", "bf16", "fp8 quantize on load"), WEIGHT_MODES))
+# The text encoder loader's labels for what it loads (full_text_encoder.PARTS).
+PARTS_LABELS = {"FLUX.2 layers (encode only)": "flux2", "full model, for prompt upsampling": "full",
+                "full model, text only (no vision tower)": "full-text"}
 
 
 def _file_fingerprint(folders: tuple[str, ...], choice: str):
@@ -52,6 +57,10 @@ def _bytes(module: torch.nn.Module, skip=()) -> int:
     skip_ids = {id(t) for m in skip for t in list(m.parameters()) + list(m.buffers())}
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors if id(t) not in skip_ids)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 class TransformerLoader(io.ComfyNode):
@@ -109,6 +118,38 @@ class TransformerLoader(io.ComfyNode):
         if status:
             services.show_text(node_id, f"loaded {t.name}\n{status}")
         return io.NodeOutput(t)
+
+
+# What a missing folder must hold, by the loader that reads it (for the message that says where to put it).
+_FOLDER_CONTENTS = {
+    "text encoder": "config.json, the tokenizer files and the weights; for FLUX.2 [dev], the text_encoder/ and "
+                    "tokenizer/ folders of black-forest-labs/FLUX.2-dev",
+    "transformer": "a diffusers FLUX.2 folder with transformer/ in it",
+    "VAE": "a diffusers FLUX.2 folder with vae/ in it",
+}
+# node id -> (input, folders, what): the loaders whose choice ``missing_model`` checks (web_routes serves it)
+MODEL_INPUTS = {
+    "Flux2KitTransformerLoader": ("model_name", services.TRANSFORMER_FOLDERS, "transformer"),
+    "Flux2KitTextEncoderLoader": ("text_encoder_name", services.TEXT_ENCODER_FOLDERS, "text encoder"),
+    "Flux2KitVAELoader": ("vae_name", services.VAE_FOLDERS, "VAE"),
+}
+
+
+def missing_model(folders: tuple[str, ...], choice: str, what: str) -> str | None:
+    """None when a loader's choice is on disk, else what is missing and where to put it."""
+    try:
+        services.resolve_model(folders, choice)
+        return None
+    except Flux2KitError as e:
+        if not str(choice).endswith("/"):
+            return str(e)
+    roots = services.model_roots(folders)
+    if not roots:
+        return f"The {what} folder {choice!r} is not in ComfyUI's models folders ({_FOLDER_CONTENTS[what]})."
+    others = f" (or in {', '.join(roots[1:])})" if len(roots) > 1 else ""
+    return (f"The {what} folder {choice!r} is missing. Put it in {roots[0]}{others}, so that "
+            f"{os.path.join(roots[0], choice.rstrip('/'))}{os.sep} holds {_FOLDER_CONTENTS[what]}; then press R to "
+            f"refresh the list.")
 
 
 def _text_encoder_choices() -> list[str]:
@@ -178,26 +219,54 @@ class TextEncoderLoader(io.ComfyNode):
                                tooltip="fp8 as stored: an FP8 file stays FP8 in memory, a GGUF stays quantized, a bf16 "
                                        "one stays bf16. bf16: expand FP8 or GGUF layers at load. fp8 quantize on load: the "
                                        "attention and MLP linears become FP8 while loading (about half the memory of bf16)."),
+                io.Combo.Input("parts", options=list(PARTS_LABELS), default="FLUX.2 layers (encode only)",
+                               optional=True,
+                               tooltip="FLUX.2 layers: the 30 of Mistral's 40 layers FLUX.2 reads (the default). full "
+                                       "model, for prompt upsampling: all 40 layers, the LM head and the vision tower, "
+                                       "for FLUX.2 Prompt Upsample; it encodes exactly as the default. FLUX.2 [dev]'s "
+                                       "Mistral-Small-3.x takes 48 GB in bf16, 13.3 GB more (about 7.8 GB more with FP8 "
+                                       "layers; the head and vision tower stay bf16). It needs the Hugging Face folder "
+                                       "(text_encoder/ + tokenizer/): ComfyUI's single files have no LM head. text only: "
+                                       "without the vision tower (0.9 GB less; references cannot be read). [klein]'s "
+                                       "Qwen3 does not upsample."),
             ],
             outputs=[TextEncoder.Output(display_name="text_encoder", tooltip="The loaded text encoder.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, text_encoder_name, weight_mode=None):
+    def validate_inputs(cls, text_encoder_name, weight_mode=None, parts=None):
+        """When the prompt is queued, before anything runs: a missing file or folder, with where to put it (a
+        folder is not a model file name, so the frontend's own missing-model check cannot see it)."""
+        return missing_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name, "text encoder") or True
+
+    @classmethod
+    def fingerprint_inputs(cls, text_encoder_name, weight_mode=None, parts=None):
         return _file_fingerprint(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
 
     @classmethod
-    def execute(cls, text_encoder_name, weight_mode=None) -> io.NodeOutput:
+    def execute(cls, text_encoder_name, weight_mode=None, parts=None) -> io.NodeOutput:
         path = services.resolve_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
+        kind = PARTS_LABELS.get(parts or "", "flux2")
         dtype = default_dtype(services.compute_device())
+        options = dict(device=services.offload_device(), dtype=dtype,
+                       weights=WEIGHT_MODE_LABELS.get(weight_mode or "", "as_stored"), tokenizer=_comfy_tokenizer(path))
         node_id = cls.hidden.unique_id if cls.hidden else None
-        status = _announce(node_id, path, "text_encoder", dtype, weight_mode)
-        te = load_text_encoder(path, device=services.offload_device(), dtype=dtype,
-                               weights=WEIGHT_MODE_LABELS.get(weight_mode or "", "as_stored"), tokenizer=_comfy_tokenizer(path))
-        services.attach_patcher(te, te.model, size=_bytes(te.model))
-        if status:
-            services.show_text(node_id, f"loaded\n{status}")
+        if kind == "flux2":
+            status = _announce(node_id, path, "text_encoder", dtype, weight_mode)
+            te = load_text_encoder(path, **options)
+            services.attach_patcher(te, te.model, size=_bytes(te.model))
+            if status:
+                services.show_text(node_id, f"loaded\n{status}")
+            return io.NodeOutput(te)
+        te = load_full_text_encoder(path, vision=kind == "full", **options)
+        whole, read = te.memory()
+        services.attach_patcher(te, te.generator, size=whole)
+        status = (f"full model ({'with' if te.has_vision else 'without'} vision tower): {_size(whole)}, "
+                  f"{_size(whole - read)} more than the layers FLUX.2 reads")
+        services.show_text(node_id, "\n".join([status, *te.notes]))
+        for note in te.notes:
+            services.log.warning("flux2kit: %s", note)
         return io.NodeOutput(te)
 
 

@@ -36,7 +36,8 @@ def _swatches(colors) -> torch.Tensor:
 def _palette_output(cls, colors: tuple) -> io.NodeOutput:
     fragment = P.prompt_fragment(colors)
     services.show_text(_node_id(cls), fragment)
-    ui = {"flux2kit_colors": _colors_ui(colors)}  # the fragment itself shows as the node's status text
+    # the browser shows the fragment with the swatches (web/flux2kit_prompts.js), once
+    ui = {"flux2kit_colors": _colors_ui(colors), "flux2kit_status": [fragment]}
     return io.NodeOutput(colors, fragment, _swatches(colors), ui=ui)
 
 
@@ -187,8 +188,9 @@ class JSONSubject(io.ComfyNode):
         if len(found) > J.MAX_ITEMS:
             raise Flux2KitError(f"{len(found)} subjects are chained; at most {J.MAX_ITEMS}. Merge some.")
         J.validate({"subjects": list(found)})
-        services.show_text(_node_id(cls), f"subject {len(found)}: {subject['description'][:60]}")
-        return io.NodeOutput(found, ui={"flux2kit_preview": [J.pretty(subject)]})
+        status = f"subject {len(found)}: {subject['description'][:60]}"
+        services.show_text(_node_id(cls), status)
+        return io.NodeOutput(found, ui={"flux2kit_preview": [J.pretty(subject)], "flux2kit_status": [status]})
 
 
 class JSONText(io.ComfyNode):
@@ -224,8 +226,9 @@ class JSONText(io.ComfyNode):
         found = tuple(text_elements or ()) + (element,)
         if len(found) > J.MAX_ITEMS:
             raise Flux2KitError(f"{len(found)} text elements are chained; at most {J.MAX_ITEMS}. Merge some.")
-        services.show_text(_node_id(cls), f"text element {len(found)}: \"{element['text'][:60]}\"")
-        return io.NodeOutput(found, ui={"flux2kit_preview": [J.pretty(element)]})
+        status = f"text element {len(found)}: \"{element['text'][:60]}\""
+        services.show_text(_node_id(cls), status)
+        return io.NodeOutput(found, ui={"flux2kit_preview": [J.pretty(element)], "flux2kit_status": [status]})
 
 
 def _reference_count_input():

@@ -97,13 +97,18 @@ def list_models(folders: tuple[str, ...], *, component: str, files: bool = True)
     return sorted(dict.fromkeys(out))
 
 
+def model_roots(folders: tuple[str, ...]) -> list[str]:
+    """The folders a loader looks in, in order: ComfyUI's ``folders``, then its diffusers folders."""
+    return [r for name in folders + ("diffusers",) for r in _roots(name)]
+
+
 def resolve_model(folders: tuple[str, ...], choice: str) -> str:
     """The full path of a loader choice; an error that says where it was looked for."""
     from ..pipelines.errors import Flux2KitError
 
     if os.path.isabs(choice) and os.path.exists(choice):
         return choice
-    roots = [r for name in folders + ("diffusers",) for r in _roots(name)]
+    roots = model_roots(folders)
     for root in roots:
         path = os.path.join(root, choice.rstrip("/"))
         if os.path.exists(path):
@@ -259,6 +264,23 @@ def step_callback(total: int, device=None):
             except Exception:  # a preview must never break sampling
                 preview = None
         bar.update_absolute(step, total_steps, preview)
+
+    return callback
+
+
+def token_progress(total: int):
+    """A per-token callback for text generation: ComfyUI's progress bar, and Cancel."""
+    try:
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(total)
+    except Exception:
+        bar = None
+
+    def callback(step: int, total_steps: int) -> None:
+        raise_if_cancelled()
+        if bar is not None:
+            bar.update_absolute(step, total_steps)
 
     return callback
 

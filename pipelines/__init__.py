@@ -5,7 +5,7 @@ Pure torch/diffusers/transformers; this package never imports ComfyUI. Sub-packa
 - ``files``: what is on disk (safetensors, checkpoint layouts, FP8 storage, tokenizers, quantize/save);
 - ``models``: the torch models built from those files (transformer, text encoder, VAE, FP8 layers);
 - ``generation``: the request and its checks, references, the schedule and sampling loop, ``generate``;
-- ``prompting``: HEX palettes and structured JSON prompts;
+- ``prompting``: HEX palettes, structured JSON prompts and prompt upsampling;
 - ``hosted``: the client of the hosted FLUX.2 APIs (Black Forest Labs, Oxen.ai);
 - ``demo_models``: tiny random FLUX.2 models for the demo and the tests (never used by product code).
 
@@ -29,6 +29,8 @@ _EXPORTS = {
     "load_transformer": "models.transformer", "Flux2Transformer": "models.transformer",
     "load_text_encoder": "models.text_encoder", "Flux2TextEncoder": "models.text_encoder",
     "PromptEmbeds": "models.text_encoder",
+    "load_full_text_encoder": "models.full_text_encoder", "FullTextEncoder": "models.full_text_encoder",
+    "upsample_prompt": "prompting.upsample", "Upsampled": "prompting.upsample",
     "load_vae": "models.vae", "Flux2VAE": "models.vae",
     "inspect_transformer": "files.transformer_checkpoint", "inspect_text_encoder": "files.text_encoder_checkpoint",
     # quantize / save

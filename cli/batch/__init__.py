@@ -24,8 +24,9 @@ Values take the type of the input they set (CSV text is parsed); an empty cell o
 the workflow's value. An image input (LoadImage's ``image``) takes a path, relative to the inputs
 file's folder, uploaded to each server that runs a job needing it.
 
-Modules: ``inputs`` (rows, sweeps, keys -> jobs, checked), ``manifest`` (SQLite), ``targets`` (the
-targets: a ComfyUI server through the client, or in-process), ``dispatch`` (the loop); this file is the command.
+Modules: ``inputs`` (rows, sweeps, keys -> jobs, checked), ``records`` (the job, its states, its manifest
+row), ``manifest`` (SQLite: all of the batch's SQL), ``targets`` (the targets: a ComfyUI server through the
+client, or in-process), ``dispatch`` (the loop); this file is the command.
 """
 
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 from ...pipelines.errors import Flux2KitError
 from ..comfy_client import ComfyClient, Refused, Unreachable
@@ -94,7 +96,7 @@ def batch_command(args) -> dict:
     common = set.intersection(*(set(issues) for issues in found.values()))
     problems = [p for p in next(iter(found.values())) if p in common]
     for where, issues in found.items():
-        problems += [(row, f"on {where}: {message}") for row, message in issues if (row, message) not in common]
+        problems += [replace(p, message=f"on {where}: {p.message}") for p in issues if p not in common]
     if not jobs and not problems:
         raise Flux2KitError("No jobs: the inputs file has no rows.")
     if problems:

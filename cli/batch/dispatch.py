@@ -12,7 +12,8 @@ import uuid
 from ...pipelines.errors import Flux2KitError
 from ..comfy_client import Refused, Unreachable, history_error, output_items, prompt_errors
 from ..terminal import say
-from .manifest import Manifest, fingerprint
+from .manifest import Manifest
+from .records import AttemptState, Job, JobRecord, JobState
 from .targets import LOCAL, Local, Server
 
 POLL_SECONDS = 0.5
@@ -26,9 +27,9 @@ ARRIVAL_GRACE_SECONDS = 30.0
 class Batch:
     """Dispatches the jobs to the targets, follows them, collects their images; resumes from the manifest."""
 
-    def __init__(self, jobs: list[dict], out_dir: str, servers: list[str], local_runner=None, *, per_server: int = 2,
+    def __init__(self, jobs: list[Job], out_dir: str, servers: list[str], local_runner=None, *, per_server: int = 2,
                  retries: int = 2, json_events: bool = False, retry_failed: bool = False, log=say, workflow_name=""):
-        self.jobs = {j["index"]: j for j in jobs}
+        self.jobs = {j.index: j for j in jobs}
         self.out_dir = os.path.abspath(out_dir)
         self.manifest = Manifest(self.out_dir)  # first: it refuses a folder another batch command is using
         self.retries, self.json_events, self.log = retries, json_events, log
@@ -39,7 +40,7 @@ class Batch:
         for leftover in os.listdir(self.out_dir):  # half-written files of a run that was killed
             if leftover.endswith(".tmp"):
                 os.remove(os.path.join(self.out_dir, leftover))
-        self.state: dict[int, dict] = {}
+        self.records: dict[int, JobRecord] = {}  # this run's jobs, as the manifest has them
         self.started = time.monotonic()
         self.done_now = self.images_now = 0
         self._last_progress, self._last_line = 0.0, None
@@ -55,57 +56,43 @@ class Batch:
 
     def _sync(self, retry_failed: bool) -> None:
         """Add new jobs; refuse a folder that holds another batch; re-attach what was in flight."""
-        if self.manifest.meta("batch_id") is None:
-            self.manifest.set_meta("batch_id", uuid.uuid4().hex)
-            self.manifest.set_meta("workflow", self.workflow_name)
-        self.batch_id = self.manifest.meta("batch_id")
-        known = self.manifest.jobs()
-        inserts = []
+        self.batch_id = self.manifest.batch_id(self.workflow_name)
+        known = self.manifest.records()
         for index, job in self.jobs.items():
-            fp = fingerprint(job)
             old = known.get(index)
-            if old is None:
-                inserts.append(("INSERT INTO jobs (job, name, row, fingerprint, inputs, state) VALUES (?, ?, ?, ?, ?, "
-                                "'pending')", (index, job["name"], job["row"], fp, json.dumps(_inputs_record(job)))))
-            elif old["fingerprint"] != fp:
-                raise Flux2KitError(f"{self.out_dir} holds a batch whose job {index} ({old['name']}) had other "
-                                    f"inputs than now ({job['name']}). Resume with the same workflow, inputs, --sweep "
+            if old is not None and old.fingerprint != job.fingerprint():
+                raise Flux2KitError(f"{self.out_dir} holds a batch whose job {index} ({old.name}) had other "
+                                    f"inputs than now ({job.name}). Resume with the same workflow, inputs, --sweep "
                                     f"and --set, or use another --out folder for a new batch.")
-        if inserts:
-            self.manifest.many(inserts)
-        known = self.manifest.jobs()
-        for index in self.jobs:
-            self.state[index] = known[index]
+        self.manifest.add_jobs([job for index, job in self.jobs.items() if index not in known])
+        known = self.manifest.records()
+        self.records = {index: known[index] for index in self.jobs}
         if retry_failed:
-            again = [i for i, s in self.state.items() if s["state"] == "failed"]
-            self.manifest.many([("UPDATE jobs SET state = 'pending', attempts = 0, error = NULL WHERE job = ?", (i,))
-                                for i in again])
-            for i in again:
-                self.state[i].update(state="pending", attempts=0, error=None)
+            self.manifest.retry_failed(self.records.values())
         resumed = 0
-        for index, s in self.state.items():
-            if s["state"] not in ("submitting", "queued", "running"):
+        for index, record in self.records.items():
+            if not record.state.in_flight:
                 continue
             resumed += 1
-            if s["target"] == LOCAL or not s["prompt_id"]:
-                self._set(index, state="pending")  # an in-process run died with the command
+            if record.target == LOCAL or not record.prompt_id:
+                self.manifest.set_state(record, JobState.PENDING)  # an in-process run died with the command
                 continue
-            server = self.servers.get(s["target"])
+            server = self.servers.get(record.target)
             if server is None:  # submitted in an earlier run to a server not listed now: still follow it there
-                server = self.servers[s["target"]] = Server(s["target"], 0, self.wake, submit=False)
-            server.inflight[s["prompt_id"]] = index
-        if resumed or any(s["state"] == "done" for s in self.state.values()):
-            done = sum(s["state"] == "done" for s in self.state.values())
+                server = self.servers[record.target] = Server(record.target, 0, self.wake, submit=False)
+            server.inflight[record.prompt_id] = index
+        done = self._count(JobState.DONE)
+        if resumed or done:
             self.log(f"Resuming {self.manifest.path}: {done} done, {resumed} to look up on their servers.")
 
-    def _set(self, index: int, **changes) -> None:
-        cols = ", ".join(f"{k} = ?" for k in changes)
-        self.manifest.write(f"UPDATE jobs SET {cols} WHERE job = ?", *changes.values(), index)
-        self.state[index].update(changes)
+    def _count(self, state: JobState) -> int:
+        return sum(r.state is state for r in self.records.values())
 
-    def _attempt(self, prompt_id: str, state: str, reason: str | None = None) -> None:
-        self.manifest.write("UPDATE attempts SET state = ?, reason = ?, time = ? WHERE prompt_id = ?", state, reason,
-                            time.time(), prompt_id)
+    def _queued(self, record: JobRecord, prompt_id: str | None = None) -> None:
+        """A server has the job's prompt: one more attempt (and the attempt ``prompt_id`` marked queued)."""
+        self.manifest.set_state(record, JobState.QUEUED, attempts=record.attempts + 1)
+        if prompt_id:
+            self.manifest.attempt(prompt_id, AttemptState.QUEUED)
 
     def _event(self, **event) -> None:
         if self.json_events:
@@ -114,6 +101,14 @@ class Batch:
     # -- the loop
 
     def run(self) -> dict:
+        """Run every job to done or failed (waiting while every server is down); returns the summary."""
+        try:
+            self._run_until_finished()
+            return self._summary()
+        finally:
+            self.manifest.close()  # frees the folder, also when stopped (Ctrl-C) or failing
+
+    def _run_until_finished(self) -> None:
         for server in self.servers.values():
             server.watch()
         try:
@@ -122,9 +117,9 @@ class Batch:
                 self._poll_local()
                 self._dispatch()
                 self._progress()
-                if not any(s["state"] in ("pending", "submitting", "queued", "running") for s in self.state.values()):
+                if all(r.state.finished for r in self.records.values()):
                     break
-                if not self._usable() and any(s["state"] == "pending" for s in self.state.values()):
+                if not self._usable() and self._count(JobState.PENDING):
                     self._wait_for_a_server()
                 try:
                     self.wake.get(timeout=POLL_SECONDS)
@@ -137,7 +132,6 @@ class Batch:
                 server.stop()
             if self.local is not None:
                 self.local.stop()
-        return self._summary()
 
     def _usable(self) -> bool:
         return (self.local is not None) or any(s.alive and s.submit for s in self.servers.values())
@@ -161,10 +155,10 @@ class Batch:
             server.failing_since = None
             server.busy, server.running = len(running) + len(pending), running
             for prompt_id, index in list(server.inflight.items()):
+                record = self.records[index]
                 if prompt_id in running or prompt_id in pending:
-                    if self.state[index]["state"] == "submitting":  # the POST got there before the last stop
-                        self._set(index, state="queued", attempts=self.state[index]["attempts"] + 1)
-                        self._attempt(prompt_id, "queued")
+                    if record.state is JobState.SUBMITTING:  # the POST got there before the last stop
+                        self._queued(record, prompt_id)
                     continue
                 try:
                     entry = server.client.history(prompt_id)
@@ -172,19 +166,19 @@ class Batch:
                     self._failing(server, e)
                     break
                 if entry is None:
-                    if self.state[index]["state"] == "submitting" and \
-                            time.time() - (self.state[index].get("submitted") or 0) < ARRIVAL_GRACE_SECONDS:
+                    if record.state is JobState.SUBMITTING and \
+                            time.time() - (record.submitted or 0) < ARRIVAL_GRACE_SECONDS:
                         continue  # its POST may still be on its way (timed out here, the server slow): look again
                     del server.inflight[prompt_id]
-                    if self.state[index]["state"] == "submitting":  # never arrived: submit it again, a new id
-                        self._attempt(prompt_id, "never arrived")
-                        self._set(index, state="pending")
+                    if record.state is JobState.SUBMITTING:  # never arrived: submit it again, a new id
+                        self.manifest.attempt(prompt_id, AttemptState.NEVER_ARRIVED)
+                        self.manifest.set_state(record, JobState.PENDING)
                     else:
                         self._lost(index, prompt_id, f"{server.url} no longer knows prompt {prompt_id} (restarted?)")
                     continue
                 status = entry.get("status") or {}
-                if self.state[index]["state"] == "submitting":  # it got there and ran before the last stop
-                    self._set(index, state="queued", attempts=self.state[index]["attempts"] + 1)
+                if record.state is JobState.SUBMITTING:  # it got there and ran before the last stop
+                    self._queued(record)
                 failure = history_error(entry, prompt_id)
                 if failure:
                     del server.inflight[prompt_id]
@@ -205,9 +199,10 @@ class Batch:
             self._event(event="server", url=server.url, state="down", reason=str(error))
             for prompt_id, index in list(server.inflight.items()):
                 del server.inflight[prompt_id]
-                if self.state[index]["state"] == "submitting":
-                    self._attempt(prompt_id, "abandoned", f"{server.url} stopped answering")
-                    self._set(index, state="pending")
+                record = self.records[index]
+                if record.state is JobState.SUBMITTING:
+                    self.manifest.attempt(prompt_id, AttemptState.ABANDONED, f"{server.url} stopped answering")
+                    self.manifest.set_state(record, JobState.PENDING)
                 else:
                     self._lost(index, prompt_id, f"{server.url} stopped answering during the job ({error})")
 
@@ -216,8 +211,7 @@ class Batch:
         server.alive, server.uploads = True, {}  # a restarted server may have lost its input folder
         self.log(f"\n{server.url} answers again.")
         self._event(event="server", url=server.url, state="up")
-        stale = [r[0] for r in self.manifest.db.execute(
-            "SELECT prompt_id FROM attempts WHERE target = ? AND state IN ('lost', 'abandoned')", (server.url,))]
+        stale = self.manifest.stale_prompts(server.url)
         if stale:
             try:
                 server.client.delete_from_queue(stale)
@@ -226,25 +220,27 @@ class Batch:
 
     def _lost(self, index: int, prompt_id: str, reason: str) -> None:
         """A job a server accepted and then lost: again elsewhere, or failed after --retries."""
-        self._attempt(prompt_id, "lost", reason)
-        attempts = self.state[index]["attempts"]
-        if attempts > self.retries:
-            self._set(index, state="failed", error=f"{reason}; given up after {attempts} attempts (--retries "
-                                                   f"{self.retries})", finished=time.time())
-            self._event(event="job", state="failed", job=index, name=self.state[index]["name"], error=reason)
+        self.manifest.attempt(prompt_id, AttemptState.LOST, reason)
+        record = self.records[index]
+        if record.attempts > self.retries:
+            self.manifest.set_state(record, JobState.FAILED, error=f"{reason}; given up after {record.attempts} "
+                                                                   f"attempts (--retries {self.retries})",
+                                    finished=time.time())
+            self._event(event="job", state="failed", job=index, name=record.name, error=reason)
             return
-        self._set(index, state="pending")
-        self._event(event="job", state="retry", job=index, name=self.state[index]["name"], reason=reason)
+        self.manifest.set_state(record, JobState.PENDING)
+        self._event(event="job", state="retry", job=index, name=record.name, reason=reason)
 
     def _fail(self, index: int, prompt_id: str | None, reason: str) -> None:
         if prompt_id:
-            self._attempt(prompt_id, "failed", reason)
-        self._set(index, state="failed", error=reason, finished=time.time())
-        self.log(f"\njob {self.state[index]['name']} failed: {reason}")
-        self._event(event="job", state="failed", job=index, name=self.state[index]["name"], error=reason)
+            self.manifest.attempt(prompt_id, AttemptState.FAILED, reason)
+        record = self.records[index]
+        self.manifest.set_state(record, JobState.FAILED, error=reason, finished=time.time())
+        self.log(f"\njob {record.name} failed: {reason}")
+        self._event(event="job", state="failed", job=index, name=record.name, error=reason)
 
     def _dispatch(self) -> None:
-        pending = sorted(i for i, s in self.state.items() if s["state"] == "pending")
+        pending = sorted(i for i, r in self.records.items() if r.state is JobState.PENDING)
         for index in pending:
             target = self._choose()
             if target is None:
@@ -264,29 +260,23 @@ class Batch:
         return max(free, key=lambda t: t[:2])[2]
 
     def _submit(self, server: Server, index: int) -> None:
-        job, s = self.jobs[index], self.state[index]
+        job, record = self.jobs[index], self.records[index]
         prompt_id = str(uuid.uuid4())
-        now = time.time()
         # Recorded before the POST: a stop between the two leaves an id to look up, never a duplicate.
-        self.manifest.many([
-            ("INSERT OR REPLACE INTO attempts (prompt_id, job, target, state, time) VALUES (?, ?, ?, 'submitting', ?)",
-             (prompt_id, index, server.url, now)),
-            ("UPDATE jobs SET state = 'submitting', target = ?, prompt_id = ?, submitted = ? WHERE job = ?",
-             (server.url, prompt_id, now, index))])
-        s.update(state="submitting", target=server.url, prompt_id=prompt_id, submitted=now)
+        self.manifest.record_submission(record, prompt_id, server.url, time.time())
         server.inflight[prompt_id] = index
         server.busy += 1
         server.assigned += 1
         try:
-            workflow = json.loads(json.dumps(job["workflow"]))
-            for key, path in job["images"].items():
+            workflow = json.loads(json.dumps(job.workflow))
+            for key, path in job.images.items():
                 nid, _, name = key.partition(".")
                 workflow[nid]["inputs"][name] = server.upload(path)
             server.client.queue_prompt(workflow, prompt_id=prompt_id, extra_data={
-                "flux2kit_batch": {"batch": self.batch_id, "job": index, "name": job["name"]}})
+                "flux2kit_batch": {"batch": self.batch_id, "job": index, "name": job.name}})
         except Refused as e:
             del server.inflight[prompt_id]
-            message = prompt_errors(job["workflow"], e.body, e.code) if e.code == 400 else str(e)
+            message = prompt_errors(job.workflow, e.body, e.code) if e.code == 400 else str(e)
             self._fail(index, prompt_id, message)
             return
         except OSError as e:  # a reference image gone or unreadable here (HTTP trouble is Unreachable): not the server
@@ -296,18 +286,18 @@ class Batch:
         except (Unreachable, ValueError) as e:
             self._failing(server, e)  # the poll finds out whether it got there
             return
-        self._set(index, state="queued", attempts=s["attempts"] + 1)
-        self._attempt(prompt_id, "queued")
-        self._event(event="job", state="submitted", job=index, name=job["name"], target=server.url,
+        self._queued(record, prompt_id)
+        self._event(event="job", state="submitted", job=index, name=job.name, target=server.url,
                     prompt_id=prompt_id)
 
     def _submit_local(self, index: int) -> None:
-        self._set(index, state="running", target=LOCAL, prompt_id=None, attempts=self.state[index]["attempts"] + 1,
-                  submitted=time.time())
+        record = self.records[index]
+        self.manifest.set_state(record, JobState.RUNNING, target=LOCAL, prompt_id=None, attempts=record.attempts + 1,
+                                submitted=time.time())
         self.local.current = index
         self.local.assigned += 1
-        self._event(event="job", state="submitted", job=index, name=self.jobs[index]["name"], target=LOCAL)
-        self.local.jobs.put((index, self.jobs[index]["workflow"]))
+        self._event(event="job", state="submitted", job=index, name=self.jobs[index].name, target=LOCAL)
+        self.local.jobs.put((index, self.jobs[index].workflow))
 
     def _poll_local(self) -> None:
         if self.local is None:
@@ -354,17 +344,17 @@ class Batch:
                 return
             outputs.append(self._write_output(index, k, len(items), os.path.splitext(item["filename"])[1], data,
                                               {"target": server.url, "prompt_id": prompt_id}))
-        self._attempt(prompt_id, "done")
+        self.manifest.attempt(prompt_id, AttemptState.DONE)
         self._finish(index, prompt_id, outputs)
 
     def _write_output(self, index: int, k: int, count: int, ext: str, data: bytes, origin: dict | None) -> str:
         job = self.jobs[index]
-        stem = job["name"] + (f"-{k + 1}" if count > 1 else "")
+        stem = job.name + (f"-{k + 1}" if count > 1 else "")
         path = os.path.join(self.out_dir, stem + (ext or ".png"))
         _atomic_write(path, data)
-        sidecar = {"name": job["name"], "job": index, "row": job["row"], "image": os.path.basename(path),
-                   "image_index": k, "workflow": self.workflow_name, "values": job["values"], **job["meta"],
-                   "set": job["set"], "target": (origin or {}).get("target", LOCAL),
+        sidecar = {"name": job.name, "job": index, "row": job.row, "image": os.path.basename(path),
+                   "image_index": k, "workflow": self.workflow_name, "values": job.values, **job.meta,
+                   "set": job.assigned, "target": (origin or {}).get("target", LOCAL),
                    "prompt_id": (origin or {}).get("prompt_id"), "batch": self.batch_id,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _atomic_write(os.path.join(self.out_dir, stem + ".json"),
@@ -372,18 +362,20 @@ class Batch:
         return path
 
     def _finish(self, index: int, prompt_id: str | None, outputs: list[str]) -> None:
-        self._set(index, state="done", outputs=json.dumps(outputs), finished=time.time(), error=None)
+        record = self.records[index]
+        self.manifest.set_state(record, JobState.DONE, outputs=outputs, finished=time.time(), error=None)
         self.done_now += 1
         self.images_now += len(outputs)
-        self._event(event="job", state="done", job=index, name=self.state[index]["name"],
-                    target=self.state[index]["target"], prompt_id=prompt_id, outputs=outputs)
+        self._event(event="job", state="done", job=index, name=record.name, target=record.target,
+                    prompt_id=prompt_id, outputs=outputs)
 
     # -- reporting
 
     def counts(self) -> dict:
         c = {"done": 0, "failed": 0, "running": 0, "waiting": 0}
-        for s in self.state.values():
-            key = {"done": "done", "failed": "failed", "pending": "waiting"}.get(s["state"], "running")
+        for record in self.records.values():
+            key = {JobState.DONE: "done", JobState.FAILED: "failed", JobState.PENDING: "waiting"}.get(record.state,
+                                                                                                     "running")
             c[key] += 1
         return c
 
@@ -394,7 +386,7 @@ class Batch:
         rate = self.done_now / elapsed * 60 if elapsed > 0 and self.done_now else 0.0
         left = c["waiting"] + c["running"]
         eta = f"ETA {_duration(left / rate * 60)}" if rate else "ETA ?"
-        line = (f"batch: {c['done']}/{len(self.state)} done, {c['failed']} failed, {c['running']} running, "
+        line = (f"batch: {c['done']}/{len(self.records)} done, {c['failed']} failed, {c['running']} running, "
                 f"{c['waiting']} waiting | {rate:.1f} jobs/min | {eta}" + (f" | {note}" if note else ""))
         key = (c["done"], c["failed"], c["running"], c["waiting"], note)
         if not force and (key == self._last_line or now - self._last_progress < 1.0) and left:
@@ -411,19 +403,16 @@ class Batch:
     def _summary(self) -> dict:
         c = self.counts()
         elapsed = time.monotonic() - self.started
-        per_target = {}
-        for (target, n) in self.manifest.db.execute(
-                "SELECT target, COUNT(*) FROM attempts WHERE state = 'done' GROUP BY target"):
-            per_target[target] = n
-        local_done = sum(1 for s in self.state.values() if s["state"] == "done" and s["target"] == LOCAL)
+        per_target = self.manifest.done_per_target()
+        local_done = sum(1 for r in self.records.values() if r.state is JobState.DONE and r.target == LOCAL)
         if local_done:
             per_target[LOCAL] = local_done
-        summary = {"done": c["done"], "failed": c["failed"], "jobs": len(self.state), "seconds": round(elapsed, 2),
+        summary = {"done": c["done"], "failed": c["failed"], "jobs": len(self.records), "seconds": round(elapsed, 2),
                    "done_this_run": self.done_now,
                    "images_this_run": self.images_now,
                    "images_per_minute": round(self.images_now / elapsed * 60, 2) if elapsed > 0 else 0.0,
                    "per_target": per_target, "manifest": self.manifest.path,
-                   "failures": {s["name"]: s["error"] for s in self.state.values() if s["state"] == "failed"}}
+                   "failures": {r.name: r.error for r in self.records.values() if r.state is JobState.FAILED}}
         _atomic_write(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2).encode())
         if sys.stderr.isatty() and self.log is say:
             sys.stderr.write("\n")
@@ -431,13 +420,8 @@ class Batch:
                  f"{_duration(elapsed)} ({summary['images_per_minute']} images/min this run). Images in "
                  f"{self.out_dir}.")
         self._event(event="summary", **summary)
-        self.manifest.close()
         return summary
 
-
-
-def _inputs_record(job: dict) -> dict:
-    return {"values": job["values"], "meta": job["meta"], "set": job["set"], "images": job["images"]}
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -7,15 +7,25 @@ import itertools
 import json
 import os
 import re
+from dataclasses import dataclass
 
 from ...pipelines.errors import Flux2KitError
 from ..workflow.graph import find_node, id_key, is_link
 from ..workflow.overrides import parse_value
 from ..workflow.schema import check_workflow, combo_options, input_names, is_image_input, spec_of, spec_type
+from .records import Job
 
 ALIASES = {"steps": "num_inference_steps"}
 NAME_WIDTH = 5
 
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with the inputs, found before anything runs, and where it was found."""
+
+    row: int | None  # the inputs file's row, from 1; None without an inputs file (then the job says where)
+    job: int | None  # the job number, from 1; None for a row that makes no job (not readable)
+    message: str
 
 
 def read_rows(path: str) -> list[tuple[int, object]]:
@@ -89,8 +99,8 @@ class Plan:
         self.workflow, self.sweeps, self.settings, self.base_dir = workflow, sweeps, settings, base_dir
         self.rows = rows if rows is not None else [(None, {})]
 
-    def jobs(self, object_info: dict) -> tuple[list[dict], list[tuple[int | None, str]]]:
-        """(jobs, problems): each job {index, row, values, meta, name, workflow, images, set}."""
+    def jobs(self, object_info: dict) -> tuple[list[Job], list[Problem]]:
+        """(jobs, problems): every job planned, and what is wrong with the inputs (nothing runs if anything is)."""
         jobs, problems = [], []
         fixed = {}
         for setting in self.settings:
@@ -101,7 +111,7 @@ class Plan:
         combos = list(itertools.product(*[[(k, v) for v in values] for k, values in self.sweeps])) or [()]
         for row_number, row in self.rows:
             if isinstance(row, str):
-                problems.append((row_number, row))
+                problems.append(Problem(row=row_number, job=None, message=row))
                 continue
             for combo in combos:
                 index = len(jobs) + 1
@@ -118,11 +128,10 @@ class Plan:
                 own += self._check_images(wf, object_info, images)
                 own += check_workflow(wf, object_info, skip=lambda nid, name, wf=wf: is_image_input(
                     object_info.get(wf[nid]["class_type"]) or {}, name))
-                problems += [(row_number if row_number is not None else -index, p) for p in own]
+                problems += [Problem(row=row_number, job=index, message=p) for p in own]
                 name = job_name(index, meta.get("_name"), values, images)
-                jobs.append({"index": index, "row": row_number, "values": values, "meta": meta, "name": name,
-                             "workflow": wf, "images": {f"{nid}.{inp}": p for (nid, inp), p in images.items()},
-                             "set": assigned})
+                jobs.append(Job(index=index, row=row_number, values=values, meta=meta, name=name, workflow=wf,
+                                images={f"{nid}.{inp}": p for (nid, inp), p in images.items()}, assigned=assigned))
         return jobs, problems
 
     def _apply(self, wf, key, value, object_info, assigned, images, base_dir, text) -> list[str]:
@@ -256,15 +265,15 @@ def job_name(index: int, given, values: dict, images: dict) -> str:
     return f"{index:0{NAME_WIDTH}d}" + (f"-{slug}" if slug else "")
 
 
-def problem_report(problems: list[tuple[int | None, str]], total_rows: int) -> str:
+def problem_report(problems: list[Problem], total_rows: int) -> str:
     """One message per problem, with the rows it concerns (``rows 1-3, 7``; job numbers for sweeps alone)."""
-    by_message: dict[str, list[int]] = {}
-    for row, message in problems:
-        by_message.setdefault(message, []).append(row)
+    by_message: dict[str, list[Problem]] = {}
+    for problem in problems:
+        by_message.setdefault(problem.message, []).append(problem)
     lines = []
-    for message, rows in by_message.items():
-        jobs = sorted({-r for r in rows if r is not None and r < 0})
-        rows = sorted({r for r in rows if r is not None and r > 0})
+    for message, found in by_message.items():
+        rows = sorted({p.row for p in found if p.row is not None})
+        jobs = sorted({p.job for p in found if p.row is None and p.job is not None})
         if total_rows > 1 and rows == list(range(1, total_rows + 1)):
             where = "every row"
         elif rows:

@@ -107,12 +107,21 @@ def check_workflow(workflow: dict, object_info: dict, *, skip=lambda nid, name: 
             problems.append(f"{label}: unknown node type (not installed where the batch runs)")
             continue
         specs = {name: (spec, required) for name, spec, required in input_specs(info)}
+        combos = [name for name, (spec, _) in specs.items() if spec_type(spec) == DYNAMIC_COMBO]
+        while combos:  # a DynamicCombo's chosen option adds its own inputs, named "combo.child"
+            combo = combos.pop(0)
+            option = next((o for o in spec_options(specs[combo][0]).get("options") or []
+                           if o.get("key") == node["inputs"].get(combo)), None)
+            for child, spec, required in input_specs(option or {}, key="inputs"):
+                specs[f"{combo}.{child}"] = (spec, required)
+                if spec_type(spec) == DYNAMIC_COMBO:
+                    combos.append(f"{combo}.{child}")
         for name, (spec, required) in specs.items():
             if required and name not in node["inputs"] and spec_type(spec) not in ("COMFY_AUTOGROW_V3",):
                 problems.append(f"{label}: required input {name!r} is missing")
         for name, value in node["inputs"].items():
             if name not in specs:
-                if "." not in name and name != "upload":  # nested (Autogrow, DynamicCombo) inputs are the node's
+                if "." not in name and name != "upload":  # Autogrow slots ("images.image_1") are the node's
                     problems.append(f"{label}: no input named {name!r}; it has {', '.join(specs) or 'none'}")
                 continue
             if is_link(value):

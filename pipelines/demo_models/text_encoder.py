@@ -181,7 +181,31 @@ def save_tiny_mistral3(
         state[name] = value.detach().to(torch.bfloat16).contiguous()
     save_shards(state, model_dir, max_shard_bytes, save_file)
     tokenizer.save_pretrained(tok_dir)
+    save_processor_config(model.config, tok_dir)
     return model_dir
+
+
+def save_processor_config(config, folder: str) -> None:
+    """The Pixtral processor files of the real tokenizer folder (Mistral-Small-3.1's layout), for a ``Mistral3Config``.
+
+    Written by hand: transformers' PixtralProcessor, which would save them, needs torchvision.
+    """
+    import json
+
+    vision = config.vision_config
+    image_processor = {
+        "image_processor_type": "PixtralImageProcessor", "processor_class": "PixtralProcessor",
+        "patch_size": {"height": vision.patch_size, "width": vision.patch_size},
+        "size": {"longest_edge": vision.image_size}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "rescale_factor": 1 / 255,
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+    }
+    processor = {"processor_class": "PixtralProcessor", "patch_size": vision.patch_size,
+                 "spatial_merge_size": config.spatial_merge_size, "image_token": "[IMG]",
+                 "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+    for name, data in (("preprocessor_config.json", image_processor), ("processor_config.json", processor)):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
 
 
 def save_shards(state: dict, folder: str, max_shard_bytes: int | None, save_file) -> None:

@@ -8,7 +8,7 @@ file only when it is read. The loaders read that view exactly as they read a Com
 tensors a file quantized offline holds, and a file on disk never needs the whole model in memory.
 
 Scales: one per tensor (``weight_scale`` a scalar), not one per row. Measured (relative Frobenius
-error of the dequantized weight; ``tests/test_quantize.py`` checks these bounds):
+error of the dequantized weight; ``tests/pipelines/test_quantize.py`` checks these bounds):
 
 - tiny transformer block linears: per-tensor 2.55%, per-row 2.54%; tiny Mistral linears 2.65% vs
   2.58%; tiny Qwen3 linears 2.65% vs 2.51%.

@@ -85,23 +85,43 @@ class JobResult:
     status_log: list[str] = field(default_factory=list)
 
 
+class Clock:
+    """Monotonic seconds and waiting, for the deadline and the backoff (tests pass a clock they move)."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
 class _Deadline:
-    def __init__(self, seconds: float):
-        self.seconds, self.end = seconds, time.monotonic() + seconds
+    def __init__(self, seconds: float, clock: Clock):
+        self.seconds, self.clock = seconds, clock
+        self.end = clock.now() + seconds
 
     def left(self) -> float:
-        return self.end - time.monotonic()
+        return self.end - self.clock.now()
+
+
+def utc(timestamp: float | None) -> str:
+    """A wall-clock time as the providers' usage logs show it ("2026-11-30 14:05:09 UTC")."""
+    if timestamp is None:
+        return "an unknown time"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
 
 
 class JobRunner:
     """Runs a batch of provider jobs: at most ``limit`` at once, one deadline for all.
 
-    ``provider`` supplies the request/response mapping (see api_providers.Provider); ``should_cancel``
-    is polled during every wait; ``on_status(index, status, progress)`` reports progress.
+    ``provider`` supplies the request/response mapping (see providers.Provider); ``should_cancel``
+    is polled during every wait and every request; ``on_status(index, status, progress)`` reports progress;
+    ``clock`` measures the deadline and the waits (a :class:`Clock`).
     """
 
     def __init__(self, provider, key: str, *, policy: RetryPolicy | None = None, limit: int = 4,
-                 should_cancel=None, on_status=None, transport: Transport | None = None, log=None):
+                 should_cancel=None, on_status=None, transport: Transport | None = None, log=None,
+                 clock: Clock | None = None):
         if not isinstance(key, str) or not key or any(not (33 <= ord(c) <= 126) for c in key):
             # http.client would quote such a key in its "Invalid header value" error
             raise ApiError(f"The {getattr(provider, 'name', 'provider')} API key is empty or contains spaces, line "
@@ -113,10 +133,13 @@ class JobRunner:
         self.on_status = on_status or (lambda index, status, progress: None)
         self.transport = transport or Transport(self.policy)
         self.log = log or (lambda message: None)
+        self.clock = clock or Clock()
         self._cancelled = threading.Event()
-        self._deadline = _Deadline(self.policy.deadline)
+        self._deadline = _Deadline(self.policy.deadline, self.clock)
         self.accepted: dict[int, str | None] = {}  # job index -> request id, for every job a provider accepted
         self.delivered: set[int] = set()  # job indices whose image arrived
+        # job index -> (host, wall-clock time) of a submit that was sent and got no answer before Cancel
+        self.unanswered: dict[int, tuple[str, float | None]] = {}
 
     # -- helpers
 
@@ -130,23 +153,26 @@ class JobRunner:
             self._cancelled.set()
             raise Cancelled()
 
-    def _should_abort(self) -> bool:
-        """For the transport's watcher: Cancel pressed or the deadline passed while a request is in flight."""
-        if self._cancelled.is_set() or self._deadline.left() <= 0:
-            return True
+    def _should_abort(self) -> str | None:
+        """For the transport, while a request is under way: why to stop it (Cancel pressed, the deadline passed)."""
+        if self._cancelled.is_set():
+            return "Cancel"
         if self.should_cancel():
             self._cancelled.set()
-            return True
-        return False
+            return "Cancel"
+        if self._deadline.left() <= 0:
+            return "the deadline"
+        return None
 
     def _sleep(self, seconds: float) -> None:
-        end = time.monotonic() + min(seconds, max(0.0, self._deadline.left()))  # a backoff never outlasts the deadline
+        clock = self.clock
+        end = clock.now() + min(seconds, max(0.0, self._deadline.left()))  # a backoff never outlasts the deadline
         while True:
             self._check_cancel()
-            left = end - time.monotonic()
+            left = end - clock.now()
             if left <= 0:
                 return
-            time.sleep(min(left, self.policy.cancel_check))
+            clock.sleep(min(left, self.policy.cancel_check))
 
     def _headers_for(self, url: str) -> dict:
         """The auth header, only for hosts the provider trusts with the key."""
@@ -173,7 +199,8 @@ class JobRunner:
         results: list[JobResult | None] = [None] * len(jobs)
         errors: dict[int, BaseException] = {}
         self.failures: dict[int, ApiError] = {}
-        self.accepted, self.delivered = {}, set()
+        self.accepted, self.delivered, self.unanswered = {}, set(), {}
+        self._deadline = _Deadline(self.policy.deadline, self.clock)  # the node's timeout: the whole batch
         stop_submitting = threading.Event()
 
         def work(i, job):
@@ -218,11 +245,18 @@ class JobRunner:
         return results  # type: ignore[return-value]
 
     def unfinished_note(self) -> str:
-        """The request ids of accepted jobs that delivered no image (e.g. after Cancel): they may still be charged."""
+        """What may still be charged after Cancel: the request ids of accepted jobs that delivered no image, and the
+        submits that were sent and got no answer (no request id: only the host and the time are known)."""
+        notes = []
         ids = [rid or "?" for i, rid in sorted(self.accepted.items()) if i not in self.delivered]
-        if not ids:
-            return ""
-        return f"{len(ids)} accepted job(s) may still finish and be charged: request id(s) {', '.join(ids)}."
+        if ids:
+            notes.append(f"{len(ids)} accepted job(s) may still finish and be charged: request id(s) {', '.join(ids)}.")
+        if self.unanswered:
+            hosts = ", ".join(sorted({host for host, _ in self.unanswered.values()}))
+            times = ", ".join(sorted({utc(t) for _, t in self.unanswered.values()}))
+            notes.append(f"{len(self.unanswered)} job(s) were sent to {hosts} at {times} with no answer yet (no request "
+                         f"id): they may have been accepted and may be charged.")
+        return " ".join(notes)
 
     def _run_one(self, index: int, job) -> JobResult:
         log: list[str] = []
@@ -232,7 +266,7 @@ class JobRunner:
             self.on_status(index, text, progress)
 
         status("submitting")
-        sub = self._submit(job)
+        sub = self._submit(index, job)
         self.accepted[index] = sub.request_id
         status("accepted" + (f" (request id {sub.request_id})" if sub.request_id else ""), 0.1)
         state = sub.result
@@ -247,9 +281,9 @@ class JobRunner:
         return JobResult(index=index, seed=job.seed, request_id=sub.request_id, image_bytes=image,
                          cost_usd=sub.cost_usd, status_log=log)
 
-    def _submit(self, job) -> Submitted:
+    def _submit(self, index: int, job) -> Submitted:
         method, url, body = self.provider.submit_request(job)
-        name = self.provider.name
+        name, host = self.provider.name, host_of(url)
         delay = self.policy.retry_delay
         last = ""
         for attempt in range(1, self.policy.submit_attempts + 1):
@@ -257,21 +291,21 @@ class JobRunner:
             if self._deadline.left() <= 0:
                 break
             try:
-                # a queue submit answers within seconds with the request id the user needs if the job runs on, so
-                # it is not cut; a sync submit (the answer is the image) is, or Cancel would wait for the image
-                abort = self._should_abort if getattr(self.provider, "sync_submit", False) else None
-                resp = self.transport.request(method, url, self._headers_for(url), body, abort=abort)
+                # Cancel and the deadline cut the submit in every phase, even though a queue submit usually answers
+                # within seconds: a server that never answers must not hold the node (what was sent is reported)
+                resp = self.transport.request(method, url, self._headers_for(url), body, abort=self._should_abort)
             except NotSent as e:
-                last = f"could not connect to {host_of(url)} ({e})"
+                if e.stopped:  # Cancel or the deadline while connecting: nothing went out
+                    self._check_cancel()
+                    last = f"stopped while connecting to {host}"
+                    continue
+                last = f"could not connect to {host} ({e})"
                 self.log(f"{name}: {last}; retrying")
                 self._sleep(self.policy.wait_for(delay))
                 delay = min(delay * 2, self.policy.max_retry_delay)
                 continue
             except NoAnswer as e:
-                self._check_cancel()  # Cancel cut the answer short: the node says sent jobs may still be charged
-                raise UnknownStateError(self._redact(
-                    f"{name}: the connection to {host_of(url)} dropped after the request was sent ({e}). The job may "
-                    f"have been accepted and charged, so it was NOT sent again. {self.provider.where_to_check()}")) from None
+                raise self._no_answer(index, host, e) from None
             if resp.status in (429, 503):
                 last = f"{name} answered {resp.status} ({'too many requests' if resp.status == 429 else 'busy'})"
                 self.log(f"{last}; retrying")
@@ -300,6 +334,23 @@ class JobRunner:
                            kind="deadline")
         raise ApiError(self._redact(f"{name}: the job was not accepted after {self.policy.submit_attempts} attempts "
                                     f"({last}). Nothing was charged. {self.provider.busy_hint()}"), kind="busy")
+
+    def _no_answer(self, index: int, host: str, e: NoAnswer) -> BaseException:
+        """A submit that was sent and got no (complete) answer: the job may run and be charged; never sent again."""
+        name, where = self.provider.name, self.provider.where_to_check()
+        sent = f"the request was sent to {host} at {utc(e.sent_at)} and no request id came back"
+        if e.stopped == "Cancel" or self._cancelled.is_set():
+            self._cancelled.set()
+            self.unanswered[index] = (host, e.sent_at)  # the Cancel note names it (unfinished_note)
+            return Cancelled()
+        if e.stopped:
+            return UnknownStateError(self._redact(
+                f"{name}: no answer to the submit before the deadline of {self.policy.deadline:g} s (the node's "
+                f"timeout): {sent}. The job may have been accepted and charged, so it was NOT sent again. {where} "
+                f"Raise the timeout if the provider is slow to answer."))
+        return UnknownStateError(self._redact(
+            f"{name}: the connection to {host} dropped after the request was sent ({e}): {sent}. The job may have "
+            f"been accepted and charged, so it was NOT sent again. {where}"))
 
     def _poll(self, sub: Submitted, status) -> PollState:
         name = self.provider.name

@@ -2,8 +2,11 @@
 
 Black Forest Labs (api.bfl.ai): POST {base}/v1/{model} with header ``x-key``; width and height
 (multiples of 16, at most 4 MP), references as ``input_image``, ``input_image_2`` .. ``_8``
-(base64), ``safety_tolerance`` 0-5, ``output_format`` jpeg|png; [flex] also takes ``steps`` and
-``guidance``. The answer holds ``polling_url``; a poll says Pending / Reasoning / Generating /
+(base64), ``safety_tolerance`` 0-5, ``output_format`` jpeg|png; [flex] also takes ``steps``,
+``guidance`` and ``prompt_upsampling`` (BFL's published FLUX.2 schemas list it only for [flex], where it
+defaults to true server-side; flux2kit always sends it there, false unless asked, so a prompt is not
+rewritten unseen. Core ComfyUI's deprecated [pro]/[max] nodes sent it too; its current FLUX.2 node and
+BFL's [pro]/[max]/[klein] schemas do not, so flux2kit does not). The answer holds ``polling_url``; a poll says Pending / Reasoning / Generating /
 Ready / Error / Request Moderated / Content Moderated / Task not found; Ready -> ``result.sample``.
 
 Oxen.ai (hub.oxen.ai/api/ai): header ``Authorization: Bearer``; sync POST /images/generate
@@ -48,6 +51,7 @@ class Request:
     output_format: str = "webp"
     output_quality: int = 80
     safety_tolerance: int = 2  # BFL
+    prompt_upsampling: bool = False  # BFL models in BFL.UPSAMPLING_MODELS: the server rewrites the prompt first
     disable_safety_checker: bool = False  # Oxen
     mode: str = "sync"  # Oxen: sync | queue
 
@@ -106,10 +110,13 @@ class Provider:
     """The mapping for one provider. ``trusts(url)`` says which hosts may see the key."""
 
     name = ""
+    a_host = "a provider's host"  # with its article, for messages
     default_base = ""
     official_hosts: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     key_env = ""
+    QUALITY_FORMATS: tuple[str, ...] = ()  # output formats for which output_quality is sent
+    PRICES: dict[str, tuple[float, float]] = {}  # USD per image: (first output MP, each further output or input MP)
     download_needs_key = False  # result URLs are signed; only some providers want the key (and only trusted hosts get it)
     billing_url = ""
 
@@ -125,22 +132,41 @@ class Provider:
         return host in self._trusted or is_loopback(host) or any(
             host == h or host.endswith("." + h) for h in self.official_hosts)
 
-    def check_base_url(self, allowed_hosts=()) -> None:
-        """Refuse a base URL override that would send the key somewhere unexpected."""
+    def check_base_url(self, allowed_hosts=(), source: str = "the base_url input") -> None:
+        """Refuse a base URL override that would send the key somewhere unexpected.
+
+        ``source`` says where the URL came from (the node's input or an environment variable), so the message
+        points at the place to fix.
+        """
         parts = urllib.parse.urlsplit(self.base_url)
         host = (parts.hostname or "").lower()
+        fix = "leave base_url empty" if source == "the base_url input" else f"change or unset {source.split()[-1]}"
         if parts.scheme not in ("http", "https") or not host:
-            raise Flux2KitError(f"base_url {self.base_url!r} is not an http(s) URL. Leave it empty for {self.default_base}.")
+            raise Flux2KitError(f"The base URL {self.base_url!r} (from {source}) is not an http(s) URL. {fix[0].upper()}"
+                                f"{fix[1:]} for {self.default_base}.")
         official = any(host == h or host.endswith("." + h) for h in self.official_hosts)
         allowed = official or is_loopback(host) or host in {h.lower() for h in allowed_hosts if h}
         if not allowed:
             raise Flux2KitError(
-                f"base_url points at {host}, which is not a {self.name} host, so the API key is not sent there (a "
-                f"shared workflow could otherwise collect keys). If you trust it, add it to the environment variable "
-                f"FLUX2KIT_API_TRUSTED_HOSTS (comma-separated) and restart ComfyUI, or leave base_url empty.")
+                f"The base URL (from {source}) points at {host}, which is not {self.a_host}, so the API key is not "
+                f"sent there (a shared workflow could otherwise collect keys). If you trust it, add it to the "
+                f"environment variable FLUX2KIT_API_TRUSTED_HOSTS (comma-separated) and restart ComfyUI, or {fix}.")
         if parts.scheme != "https" and not is_loopback(host):
-            raise Flux2KitError(f"base_url {self.base_url!r} uses plain http; the API key must travel over https. "
-                                f"Use https://{host}.")
+            raise Flux2KitError(f"The base URL {self.base_url!r} (from {source}) uses plain http; the API key must "
+                                f"travel over https. Use https://{host}, or {fix}.")
+
+    @property
+    def takes_steps_and_guidance(self) -> bool:
+        """Whether this model uses num_inference_steps and guidance (others choose their own)."""
+        return True
+
+    def browser_facts(self) -> dict:
+        """What the browser needs to show the estimate and which inputs apply (web/lib/hosted.js reads it)."""
+        return {"provider": self.name, "price": list(self.PRICES[self.model]) if self.model in self.PRICES else None,
+                "exact_size": self.exact_size, "takes_steps_and_guidance": self.takes_steps_and_guidance,
+                "quality_formats": list(self.QUALITY_FORMATS), "max_references": self.MAX_REFERENCES,
+                "reference_pixels": self.REFERENCE_PIXELS, "single_reference_pixels": self.SINGLE_REFERENCE_PIXELS,
+                "resolutions": list(getattr(self, "RESOLUTIONS", RESOLUTIONS))}
 
     def auth_headers(self, key: str) -> dict:
         raise NotImplementedError
@@ -175,6 +201,7 @@ class Provider:
 
 class BFL(Provider):
     name = "Black Forest Labs"
+    a_host = "a Black Forest Labs host"
     default_base = "https://api.bfl.ai"
     official_hosts = ("bfl.ai", "bfl.ml")
     models = ("flux-2-pro", "flux-2-pro-preview", "flux-2-max", "flux-2-flex", "flux-2-klein-4b", "flux-2-klein-9b")
@@ -188,12 +215,19 @@ class BFL(Provider):
     PRICES = {"flux-2-pro": (0.03, 0.015), "flux-2-max": (0.07, 0.03), "flux-2-flex": (0.05, 0.05),
               "flux-2-klein-4b": (0.014, 0.001), "flux-2-klein-9b": (0.015, 0.002)}
     FORMATS = {"png": "png", "jpeg": "jpeg", "webp": "jpeg"}  # BFL makes jpeg or png only
+    UPSAMPLING_MODELS = ("flux-2-flex",)  # the FLUX.2 models whose published schema has prompt_upsampling
 
     def __init__(self, model: str, base_url: str | None = None, extra_trusted_hosts=()):
         super().__init__(base_url, extra_trusted_hosts)
         if model not in self.models:
             raise Flux2KitError(f"Unknown Black Forest Labs model {model!r}; use one of {', '.join(self.models)}.")
         self.model = model
+
+    exact_size = True  # takes width and height
+
+    @property
+    def takes_steps_and_guidance(self) -> bool:
+        return self.model == "flux-2-flex"
 
     def auth_headers(self, key):
         return {"x-key": key}
@@ -219,12 +253,17 @@ class BFL(Provider):
             notes.append("BFL makes jpeg or png: webp requested, jpeg used")
         if req.output_format != "png":
             notes.append("output_quality is not used by BFL")
-        if self.model != "flux-2-flex":
+        if not self.takes_steps_and_guidance:
             notes.append(f"num_inference_steps and guidance are not used by {self.model} (only flux-2-flex takes them)")
         base = {"prompt": req.prompt, "width": width, "height": height, "safety_tolerance": int(req.safety_tolerance),
                 "output_format": fmt}
-        if self.model == "flux-2-flex":
+        if self.takes_steps_and_guidance:
             base["steps"], base["guidance"] = int(req.num_inference_steps), float(req.guidance)
+        if self.model in self.UPSAMPLING_MODELS:
+            base["prompt_upsampling"] = bool(req.prompt_upsampling)
+        elif req.prompt_upsampling:
+            notes.append(f"prompt_upsampling is not taken by {self.model} (only {', '.join(self.UPSAMPLING_MODELS)}); "
+                         "not sent")
         for i, ref in enumerate(refs):
             base["input_image" if i == 0 else f"input_image_{i + 1}"] = base64.b64encode(_encode_png(ref)).decode("ascii")
         price = self.PRICES.get(self.model)
@@ -294,6 +333,7 @@ class BFL(Provider):
 
 class Oxen(Provider):
     name = "Oxen.ai"
+    a_host = "an Oxen.ai host"
     default_base = "https://hub.oxen.ai/api/ai"
     official_hosts = ("oxen.ai",)
     # flux-2-pro: Oxen.ai's model page (its request parameters: docs/parameters.md). The others appear in Oxen's
@@ -307,6 +347,8 @@ class Oxen(Provider):
     SINGLE_REFERENCE_PIXELS = 4 * MEGAPIXEL
     RESOLUTIONS = ("0.5 MP", "1 MP", "2 MP")  # the model page's list
     FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+    QUALITY_FORMATS = ("webp", "jpeg")
+    exact_size = False  # takes aspect_ratio and resolution
 
     def __init__(self, model: str, base_url: str | None = None, extra_trusted_hosts=(), mode: str = "sync"):
         super().__init__(base_url, extra_trusted_hosts)

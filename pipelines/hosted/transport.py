@@ -16,6 +16,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -27,11 +28,26 @@ MAX_ERROR_BODY = 600  # characters of a provider's error body quoted in a messag
 
 
 class NotSent(Exception):
-    """The request never reached the server (refused, unreachable): safe to send again."""
+    """The request never reached the server (refused, unreachable, or stopped while connecting): safe to send again.
+
+    ``stopped``: why the client stopped ("Cancel", "the deadline") when it did; None for a network failure.
+    """
+
+    def __init__(self, message: str, stopped: str | None = None):
+        super().__init__(message)
+        self.stopped = stopped
 
 
 class NoAnswer(Exception):
-    """The request was (possibly) sent but no complete answer came back: the server may have acted on it."""
+    """The request was (possibly) sent but no complete answer came back: the server may have acted on it.
+
+    ``sent_at``: the wall-clock time (``time.time()``) the request was sent; ``stopped``: why the client stopped
+    waiting ("Cancel", "the deadline"), or None when the connection failed on its own.
+    """
+
+    def __init__(self, message: str, sent_at: float | None = None, stopped: str | None = None):
+        super().__init__(message)
+        self.sent_at, self.stopped = sent_at, stopped
 
 
 @dataclass
@@ -72,66 +88,108 @@ class Transport:
 
     def request(self, method: str, url: str, headers: dict | None = None, body: bytes | None = None,
                 timeout: float | None = None, abort=None) -> Response:
-        """``abort()`` (polled every ``cancel_check`` s from a watcher thread) cuts a request in flight: Cancel
-        and the deadline must not wait for a slow answer or a result that trickles in (socket timeouts apply to
-        each read, not to the whole answer)."""
+        """One request. ``abort()`` (polled every ``cancel_check`` s while the request is under way) returns why to
+        stop ("Cancel", "the deadline") or None: it cuts the request in every phase (name lookup, connect, send,
+        waiting for the answer, a result that trickles in), because socket timeouts apply to each step, not to the
+        whole exchange. Stopped before the request went out: :class:`NotSent`; after: :class:`NoAnswer`."""
+        exchange = _Exchange(self.policy, method, url, headers, body, timeout)
+        if abort is None:
+            return exchange.run()
+        # The exchange blocks in http.client (and getaddrinfo, which nothing can interrupt), so it runs in a
+        # helper thread while this one watches abort(); the helper never sends after an abort before sending.
+        box: dict = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                box["response"] = exchange.run()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="flux2kit-api-http", daemon=True).start()
+        while not done.wait(self.policy.cancel_check):
+            reason = abort()
+            if reason:
+                exchange.stop(reason)  # raises NotSent or NoAnswer, and frees the helper
+        if "error" in box:
+            raise box["error"]
+        return box["response"]
+
+
+class _Exchange:
+    """One HTTP request/answer over http.client; ``stop`` ends it from another thread, knowing whether it was sent."""
+
+    def __init__(self, policy, method, url, headers, body, timeout):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ApiError(f"Not an http(s) URL: {parts.scheme}://{parts.hostname or ''}{parts.path}. Check the base URL.",
-                           kind="config")
+            raise ApiError(f"Not an http(s) URL: {parts.scheme}://{parts.hostname or ''}{parts.path}. Check the base "
+                           f"URL.", kind="config")
+        self.policy, self.method, self.body, self.timeout = policy, method, body, timeout
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         kw = {"context": ssl.create_default_context()} if parts.scheme == "https" else {}
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = dict(headers or {})
         proxy = _proxy_for(parts)
         if proxy is None:
-            conn = cls(parts.hostname, parts.port, timeout=self.policy.connect_timeout, **kw)
+            self.conn = cls(parts.hostname, parts.port, timeout=policy.connect_timeout, **kw)
         else:  # HTTPS_PROXY / HTTP_PROXY from the environment, as urllib would use them
             proxy_headers = {}
             if proxy.username:
                 cred = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
                 proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
-            conn = cls(proxy.hostname, proxy.port or 8080, timeout=self.policy.connect_timeout, **kw)
+            self.conn = cls(proxy.hostname, proxy.port or 8080, timeout=policy.connect_timeout, **kw)
             if parts.scheme == "https":
-                conn.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_headers)
+                self.conn.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_headers)
             else:
-                path, headers = url, {**(headers or {}), **proxy_headers}
-        all_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
+                self.path, headers = url, {**headers, **proxy_headers}
+        self.headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **headers}
         if body is not None:
-            all_headers.setdefault("Content-Type", "application/json")
-        done, aborted = threading.Event(), threading.Event()
-        if abort is not None:
-            def watch():
-                while not done.wait(self.policy.cancel_check):
-                    if abort():
-                        aborted.set()
-                        sock = conn.sock
-                        if sock is not None:
-                            try:
-                                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes the blocked read
-                            except OSError:
-                                pass
-                        return
+            self.headers.setdefault("Content-Type", "application/json")
+        self.lock = threading.Lock()
+        self.sent_at: float | None = None  # set (under the lock) when the request starts going out
+        self.stopped: str | None = None  # why stop() ended the exchange
 
-            threading.Thread(target=watch, name="flux2kit-api-watch", daemon=True).start()
+    def stop(self, reason: str) -> None:
+        """Called from the watching thread: end the exchange now and raise what the caller should see."""
+        with self.lock:
+            self.stopped = reason
+            sent_at = self.sent_at
+            sock = self.conn.sock
+        if sent_at is None:  # still looking up or connecting: the helper sees ``stopped`` and never sends
+            raise NotSent(f"stopped before sending: {reason}", stopped=reason)
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes the helper's blocked read
+            except OSError:
+                pass
+        raise NoAnswer(f"stopped waiting: {reason}", sent_at=sent_at, stopped=reason)
+
+    def run(self) -> Response:
+        conn = self.conn
         try:
             try:
                 conn.connect()
             except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as e:
                 raise NotSent(f"{type(e).__name__}: {e}") from None
-            if aborted.is_set():  # Cancel or the deadline came while connecting: do not send at all
-                raise NotSent("stopped before sending (Cancel or deadline)")
-            conn.sock.settimeout(timeout or self.policy.read_timeout)
+            with self.lock:
+                if self.stopped:  # Cancel or the deadline came while connecting: do not send at all
+                    raise NotSent(f"stopped before sending: {self.stopped}", stopped=self.stopped)
+                self.sent_at = time.time()
+            conn.sock.settimeout(self.timeout or self.policy.read_timeout)
             try:
-                conn.request(method, path, body=body, headers=all_headers)
+                conn.request(self.method, self.path, body=self.body, headers=self.headers)
                 resp = conn.getresponse()
                 data = resp.read()
             except (http.client.HTTPException, OSError) as e:
-                raise NoAnswer("stopped waiting (Cancel or deadline)" if aborted.is_set() else f"{type(e).__name__}: {e}") from None
-            if aborted.is_set():  # a body without a length can end "cleanly" when cut: never return it
-                raise NoAnswer("stopped waiting (Cancel or deadline)")
+                if self.stopped:
+                    raise NoAnswer(f"stopped waiting: {self.stopped}", self.sent_at, self.stopped) from None
+                raise NoAnswer(f"{type(e).__name__}: {e}", self.sent_at) from None
+            if self.stopped:  # a body without a length can end "cleanly" when cut: never return it
+                raise NoAnswer(f"stopped waiting: {self.stopped}", self.sent_at, self.stopped)
             return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         finally:
-            done.set()
             conn.close()
 
 

@@ -306,11 +306,13 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return names[str(dtype).lower()]
 
 
-def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str = "as_stored") -> nn.Module:
+def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str = "as_stored",
+                     whole: bool = False) -> nn.Module:
     """The language model trimmed to the layers FLUX.2 reads, built on meta and streamed from ``ckpt.files``.
 
     FP8 layers become FP8Linear and packed GGUF weights GGUFLinear / GGUFEmbedding (``weights="as_stored"``),
-    or are dequantized to ``dtype``.
+    or are dequantized to ``dtype``. ``whole``: every layer of the checkpoint and the final norm (the language
+    model prompt upsampling generates with).
     """
     if ckpt.family == "qwen3":
         from transformers import Qwen3Model as TextModel
@@ -319,15 +321,15 @@ def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str
         from transformers import MistralModel as TextModel
         from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding as RotaryEmbedding
 
-    num_layers = max(FAMILY_LAYERS[ckpt.family])
+    num_layers = int(ckpt.config.num_hidden_layers) if whole else max(FAMILY_LAYERS[ckpt.family])
     config = copy.deepcopy(ckpt.config)
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):
         config.layer_types = list(config.layer_types)[:num_layers]
     with torch.device("meta"):
         model = TextModel(config)
-    # The final norm belongs after the last layer of the full model, not after the last one we keep.
-    model.norm = nn.Identity()
+    if not whole:  # the final norm belongs after the last layer of the full model, not after the last one we keep
+        model.norm = nn.Identity()
     model.rotary_emb = RotaryEmbedding(config=config).to(device)
     fp8_layers = {layer: q for layer, q in ckpt.layers.items() if _kept(layer, num_layers)}
     if weights == "as_stored":
@@ -344,7 +346,7 @@ def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str
         if not key.startswith(prefix) or key == TEKKEN_KEY:
             continue  # vision tower, projector, LM head (outside the language model's prefix)
         layer, _, param = key[len(prefix):].rpartition(".")
-        if not _kept(layer, num_layers):
+        if not _kept(layer, num_layers) and not (whole and layer == "norm"):
             continue  # later layers and the final norm never reach the last hidden state read; heads, RoPE tables
         if param in ("comfy_quant", "scale_input") or key.endswith(("scaled_fp8", "rotary_emb.inv_freq")):
             continue

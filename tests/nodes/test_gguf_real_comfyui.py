@@ -1,8 +1,9 @@
 """GGUF in a real ComfyUI server (``COMFYUI_PATH``): the loaders list .gguf files through the pack's own folder keys
 while core's loaders do not, and the GGUF workflow runs on the demo set's GGUF twins.
 
-Skipped unless COMFYUI_PATH points at a ComfyUI checkout whose Python has flux2kit's requirements (gguf included);
-see DEVELOPERS.md.
+Skipped unless COMFYUI_PATH points at a ComfyUI checkout; the harness (flux2kit.testing.real_comfyui) refuses to
+start when ComfyUI's Python lacks flux2kit's requirements (gguf and accelerate included) and names the install
+command; see DEVELOPERS.md.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import os
 
 import pytest
 
-from comfyui_server import REPO
-from comfyui_server import comfyui  # noqa: F401  (the session fixture)
+from flux2kit.testing.real_comfyui import REPO
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -31,7 +31,7 @@ def combo(info: dict, node: str, name: str) -> list[str]:
     return spec[1]["options"]
 
 
-def test_gguf_files_are_listed_by_flux2kit_and_not_by_core(comfyui):  # noqa: F811
+def test_gguf_files_are_listed_by_flux2kit_and_not_by_core(comfyui):
     info = comfyui.object_info()
     names = comfyui.model_names
     assert names["transformer_gguf"] in combo(info, "Flux2KitTransformerLoader", "model_name")
@@ -40,7 +40,7 @@ def test_gguf_files_are_listed_by_flux2kit_and_not_by_core(comfyui):  # noqa: F8
     assert not any(o.endswith(".gguf") for o in combo(info, "CLIPLoader", "clip_name"))
 
 
-def test_the_gguf_workflow_runs(comfyui):  # noqa: F811
+def test_the_gguf_workflow_runs(comfyui):
     import numpy as np
     from PIL import Image
 

@@ -86,7 +86,38 @@ export function swatchLayout(count, width, { minWidth = 72, height = 28, gap = 4
   }));
 }
 
-/** The flux2kit nodes that send a preview (tests/test_web.py checks this list against the Python nodes). */
+/**
+ * The height (px) the preview needs at a given width, so the node can grow to show it: the status line(s),
+ * the swatch rows and the prompt text up to maxTextLines (longer text scrolls inside that). Character widths
+ * are estimated (monospace text, 11px labels); the extension also measures the drawn element and takes the
+ * larger of the two.
+ */
+export function previewHeight(model, width, { charWidth = 6.7, lineHeight = 15, maxTextLines = 16, gap = 4 } = {}) {
+  if (!model) return 0;
+  const inner = Math.max(40, width - 8);
+  const wrapped = (text) => String(text).split("\n")
+    .reduce((n, line) => n + Math.max(1, Math.ceil((line.length * charWidth) / inner)), 0);
+  let height = 0;
+  const parts = [];
+  if (model.status) parts.push(wrapped(model.status) * lineHeight);
+  if (model.colors.length) {
+    // chips wrap like inline boxes: label width + padding, as many per row as fit
+    let rows = 1, used = 0;
+    for (const c of model.colors) {
+      const w = Math.min(inner, c.label.length * charWidth + 16);
+      if (used && used + gap + w > inner) { rows += 1; used = w; } else used += (used ? gap : 0) + w;
+    }
+    parts.push(rows * (lineHeight + 8) + (rows - 1) * gap);
+  }
+  if (model.text) parts.push(Math.min(wrapped(model.text), maxTextLines) * lineHeight + 10);
+  height = parts.reduce((a, b) => a + b, 0) + gap * Math.max(0, parts.length - 1);
+  return Math.ceil(height);
+}
+
+/** ComfyUI's own status-text widget (the progress_text channel): the preview shows that text itself, once. */
+export const STATUS_TEXT_WIDGET = "$$node-text-preview";
+
+/** The flux2kit nodes that send a preview (tests/nodes/test_web.py checks this list against the Python nodes). */
 export const PREVIEW_NODE_TYPES = [
   "Flux2KitHexPalette",
   "Flux2KitPaletteFromImage",
@@ -94,6 +125,7 @@ export const PREVIEW_NODE_TYPES = [
   "Flux2KitJSONText",
   "Flux2KitJSONPrompt",
   "Flux2KitJSONPromptParse",
+  "Flux2KitPromptUpsample",
 ];
 
 /** The root-graph node id (a number, as LiteGraph stores it) of an execution id like "12"; null for a node

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  clampLines, normalizeHex, previewModel, readableInk, rootNodeId, swatchLabel, swatchLayout,
+  clampLines, normalizeHex, previewHeight, previewModel, readableInk, rootNodeId, swatchLabel, swatchLayout,
 } from "../lib/preview.js";
 
 test("normalizeHex accepts the forms the Python parser accepts", () => {
@@ -93,4 +93,19 @@ test("rootNodeId maps execution ids to root-graph node ids", () => {
   assert.equal(rootNodeId("12:5"), null);
   assert.equal(rootNodeId(""), null);
   assert.equal(rootNodeId(undefined), null);
+});
+
+test("previewHeight makes room for the status, every swatch row and up to maxTextLines of text", () => {
+  const colors = [{ hex: "#1E3A5F", name: "dark slate blue" }, { hex: "#F2E8CF", name: "papaya whip", object: "the walls" },
+                  { hex: "#E07A5F", name: "salmon", object: "the clay pots" }];
+  const palette = previewModel({ flux2kit_colors: colors, flux2kit_status: ["the walls is color #F2E8CF (papaya whip), " +
+    "the clay pots is color #E07A5F (salmon), color palette #1E3A5F (dark slate blue)"] });
+  const narrow = previewHeight(palette, 340);
+  const wide = previewHeight(palette, 1200);
+  assert.ok(narrow > wide, "a narrow node wraps the swatches and the status into more rows");
+  assert.ok(narrow >= 2 * 23 + 2 * 15, `two swatch rows and two status lines at 340 px: ${narrow}`);
+  const long = previewModel({ flux2kit_preview: [Array.from({ length: 80 }, (_, i) => `line ${i}`).join("\n")],
+                              flux2kit_status: ["1 of 512 tokens"] });
+  assert.equal(previewHeight(long, 400, { maxTextLines: 16 }), 15 + 4 + 16 * 15 + 10); // longer text scrolls
+  assert.equal(previewHeight(null, 400), 0);
 });

@@ -1,0 +1,225 @@
+"""Files flux2kit writes, read by a real ComfyUI (``COMFYUI_PATH``): FP8 transformers and ComfyUI's Qwen tokenizer.
+
+ComfyUI's own Python (``COMFYUI_PYTHON``, default ``$COMFYUI_PATH/../comfyui-venv/bin/python``) runs a
+short script in a subprocess: it loads our saved FP8 transformer with ``comfy.sd.load_diffusion_model``
+(what the Load Diffusion Model node calls), runs its diffusion model once on fixed inputs, and the
+result is compared with our engine on the same file. Skipped without COMFYUI_PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flux2kit.testing.real_comfyui import REPO, comfyui_path, comfyui_python
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"),
+                       reason="set COMFYUI_PATH to a ComfyUI checkout to run the real-ComfyUI tests"),
+]
+
+# fp32 compute on both sides (ComfyUI's CPU manual cast is fp32); only summation order differs.
+TOLERANCE = 1e-4
+
+PROBE = textwrap.dedent('''
+    import json, os, sys
+    comfy_root, task, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, comfy_root)
+    os.chdir(comfy_root)
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import torch
+    from safetensors.torch import load_file, save_file
+    if task == "transformer":
+        import comfy.sd
+        patcher = comfy.sd.load_diffusion_model(args["model"])
+        dm = patcher.model.diffusion_model
+        qkv = dm.double_blocks[0].img_attn.qkv
+        inp = load_file(args["inputs"])
+        with torch.no_grad():
+            out = dm(inp["x"], inp["sigma"], inp["context"], guidance=inp["guidance"])
+        save_file({"out": out.float().contiguous()}, args["out"])
+        print(json.dumps({"class": type(patcher.model).__name__, "qkv_weight": type(qkv.weight).__name__,
+                          "quant_format": getattr(qkv, "quant_format", None),
+                          "img_in": str(dm.img_in.weight.dtype)}))
+    elif task == "klein_tokens":
+        import comfy.text_encoders.flux as flux
+        tok = flux.KleinTokenizer()
+        out = [[t for t, *_ in row] for row in tok.tokenize_with_weights(args["prompt"])["qwen3_4b"]]
+        print(json.dumps({"ids": out[0]}))
+''')
+
+
+def run_probe(tmp_path, task: str, **args) -> dict:
+    root = comfyui_path()
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([comfyui_python(root), str(script), str(root), task, json.dumps(args)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bf16_transformer(tmp_path_factory):
+    from flux2kit.pipelines.demo_models.transformer import build_tiny_transformer, save_transformer
+
+    # head_dim 128: ComfyUI infers the head count as width / 128 (DEVELOPERS.md, "Tiny models")
+    root = tmp_path_factory.mktemp("real_fp8")
+    return save_transformer(build_tiny_transformer(seed=5), str(root / "bf16.safetensors"), "bfl")
+
+
+@pytest.mark.parametrize("header_metadata", [True, False], ids=["comfy_quant+header", "comfy_quant-only"])
+def test_comfyui_loads_our_fp8_transformer_with_the_same_output(bf16_transformer, tmp_path, header_metadata):
+    from flux2kit.pipelines.files.quantize import save_fp8_transformer
+    from flux2kit.pipelines.generation.sampling import latent_ids, pack, text_ids, unpack
+    from flux2kit.pipelines.models.transformer import load_transformer
+
+    fp8 = save_fp8_transformer(bf16_transformer, tmp_path / "flux2_tiny_fp8mixed.safetensors",
+                               header_metadata=header_metadata)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 128, 4, 6, generator=g), torch.randn(1, 16, 384, generator=g)
+    sigma, guidance = torch.tensor([0.7]), torch.tensor([4.0])
+    save_file({"x": x, "context": ctx, "sigma": sigma, "guidance": guidance}, tmp_path / "in.safetensors")
+    info = run_probe(tmp_path, "transformer", model=str(fp8), inputs=str(tmp_path / "in.safetensors"),
+                     out=str(tmp_path / "out.safetensors"))
+    # ComfyUI detected FLUX.2 and kept the block linears FP8 (its QuantizedTensor); the rest it casts itself
+    assert info["class"] == "Flux2"
+    assert (info["qkv_weight"], info["quant_format"]) == ("QuantizedTensor", "float8_e4m3fn")
+    theirs = load_file(tmp_path / "out.safetensors")["out"]
+
+    ours_model = load_transformer(fp8, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        ours = unpack(ours_model(pack(x), latent_ids(1, 4, 6), ctx, text_ids(1, 16), sigma, guidance), 4, 6)
+    err = ((ours - theirs).norm() / theirs.norm()).item()
+    assert err < TOLERANCE, err
+    # and the numbers are FP8's, not bf16's: the bf16 model differs from ComfyUI's by far more than ours
+    bf16 = load_transformer(bf16_transformer, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        dense = unpack(bf16(pack(x), latent_ids(1, 4, 6), ctx, text_ids(1, 16), sigma, guidance), 4, 6)
+    assert ((dense - theirs).norm() / theirs.norm()).item() > 100 * err
+
+
+def test_comfyui_qwen_tokenizer_gives_comfyuis_klein_tokens(tmp_path):
+    """A Qwen3 single file with ComfyUI's shipped tokenizer folder tokenizes exactly as ComfyUI's KleinTokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from flux2kit.pipelines.models.text_encoder import load_text_encoder as load_text_encoder_file
+    from flux2kit.pipelines.demo_models.comfy_text_encoders import save_tiny_qwen3_comfy
+
+    folder = comfyui_path() / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    if not (folder / "vocab.json").exists():
+        pytest.skip("this ComfyUI checkout lacks comfy/text_encoders/qwen25_tokenizer")
+    config = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=28,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    save_tiny_qwen3_comfy(Qwen3ForCausalLM(config).eval(), str(tmp_path / "qwen_3_4b.safetensors"))
+    enc = load_text_encoder_file(tmp_path / "qwen_3_4b.safetensors", tokenizer=str(folder))
+    prompt = "A red fox sitting in a snowy forest, café, 1234"
+    from flux2kit.pipelines.models.text_encoder import qwen3_chat_texts
+
+    ours = enc.tokenizer(qwen3_chat_texts(enc.tokenizer, [prompt]))["input_ids"][0]
+    theirs = run_probe(tmp_path, "klein_tokens", prompt=prompt)["ids"]
+    # ComfyUI pads to 512 with <|endoftext|> (151643); the tokens before the padding are the prompt's
+    assert theirs[: len(ours)] == ours
+    assert set(theirs[len(ours):]) <= {151643}
+    assert enc.encode(prompt).embeds.shape == (1, 512, 3 * 32)
+
+
+def test_save_fp8_node_in_comfyui_then_core_loader_and_model_save(comfyui, bf16_transformer):
+    """Through /prompt: our Save FP8 node writes the file; ComfyUI's UNETLoader loads it and ModelSave writes it back.
+
+    ComfyUI's own save of the loaded model must hold the same FP8 layers (weight, weight_scale,
+    comfy_quant), bit for bit: the file is in the format ComfyUI itself writes.
+    """
+    import shutil
+
+    name = "flux2kit_test_tiny_bf16.safetensors"
+    src = comfyui.models / "diffusion_models" / name
+    shutil.copy(bf16_transformer, src)
+    out_name = "flux2kit_test_tiny_fp8mixed.safetensors"
+    # the first diffusion_models folder ComfyUI knows: models/unet (its legacy name) in a stock checkout
+    candidates = [comfyui.comfyui / "models" / sub / out_name for sub in ("unet", "diffusion_models")]
+    candidates.append(comfyui.models / "diffusion_models" / out_name)
+    try:
+        run = comfyui.run({"1": {"class_type": "Flux2KitSaveFP8",
+                                 "inputs": {"model_name": name, "filename": out_name, "overwrite": True}}})
+        assert run.ok, run.describe()
+        written = next(p for p in candidates if p.exists())
+        run = comfyui.run({
+            "2": {"class_type": "UNETLoader", "inputs": {"unet_name": out_name, "weight_dtype": "default"}},
+            "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": "flux2kit_roundtrip"}},
+        })
+        assert run.ok, run.describe()
+        resaved = next(comfyui.output_dir.glob("flux2kit_roundtrip*.safetensors"))
+
+        ours, theirs = load_file(written), load_file(resaved)
+        # ComfyUI names RMSNorm weights .weight where BFL's files say .scale, and stores the unquantized
+        # tensors in its load dtype (fp32 on CPU); everything else is the same tensor
+        rename = lambda k: k[: -len(".scale")] + ".weight" if k.endswith(".scale") else k  # noqa: E731
+        assert {rename(k) for k in ours} == set(theirs)
+        quantized = [k for k in ours if k.endswith((".weight", ".weight_scale", ".comfy_quant"))
+                     and ours[k].dtype in (torch.float8_e4m3fn, torch.uint8, torch.float32)]
+        assert len([k for k in quantized if k.endswith(".comfy_quant")]) == 20
+        for k in ours:
+            x, y = ours[k], theirs[rename(k)]
+            if k in quantized:  # FP8 weights, scales and comfy_quant: bit for bit ComfyUI's own layout
+                assert x.dtype == y.dtype and x.shape == y.shape, k
+                assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
+                                   y.view(torch.uint8) if y.element_size() == 1 else y), k
+            else:
+                assert torch.equal(x.float(), y.float()), k
+        info = json.loads(theirs[quantized[0].rsplit(".", 1)[0] + ".comfy_quant"].numpy().tobytes())
+        assert info == {"format": "float8_e4m3fn"}
+    finally:
+        src.unlink(missing_ok=True)
+        for p in candidates:
+            p.unlink(missing_ok=True)
+
+
+def test_klein_workflow_with_qwen3_single_file_uses_comfyuis_tokenizer(comfyui):
+    """Inside ComfyUI, a Qwen3 single file (FP8, no tokenizer inside) loads with the tokenizer ComfyUI ships, and a
+    [klein] transformer quantized on load generates with it: the whole text-to-image workflow runs."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from flux2kit.pipelines.demo_models.comfy_text_encoders import save_tiny_qwen3_comfy
+    from flux2kit.pipelines.demo_models.transformer import KLEIN_TEXT_WIDTHS, build_tiny_klein, save_transformer
+
+    if not (comfyui.comfyui / "comfy" / "text_encoders" / "qwen25_tokenizer" / "vocab.json").exists():
+        pytest.skip("this ComfyUI checkout lacks comfy/text_encoders/qwen25_tokenizer")
+    hidden = KLEIN_TEXT_WIDTHS["4b"] // 3
+    config = Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=28,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    te = comfyui.models / "text_encoders" / "qwen_3_4b_flux2kit_test_fp8.safetensors"
+    tr = comfyui.models / "diffusion_models" / "flux2kit_test_klein_bf16.safetensors"
+    save_tiny_qwen3_comfy(Qwen3ForCausalLM(config).eval(), str(te), fp8=True)
+    save_transformer(build_tiny_klein(seed=0), str(tr), "bfl", is_distilled=True)
+    try:
+        workflow = json.loads((REPO / "workflows" / "api" / "text_to_image.json").read_text())
+        for node in workflow.values():
+            inputs = node["inputs"]
+            if node["class_type"] == "Flux2KitTransformerLoader":
+                inputs.update(model_name=tr.name, weight_mode="fp8 quantize on load")
+            elif node["class_type"] == "Flux2KitTextEncoderLoader":
+                inputs.update(text_encoder_name=te.name, weight_mode="fp8 as stored")
+            elif node["class_type"] == "Flux2KitVAELoader":
+                inputs["vae_name"] = comfyui.model_names["vae"]
+            elif node["class_type"] == "Flux2KitSampler":
+                inputs.update(num_inference_steps=2, width=64, height=64, seed=7)
+        run = comfyui.run(workflow)
+        assert run.ok, run.describe()
+        # (without ComfyUI's folder the Qwen3 file, which holds no tokenizer, fails to load: see test_text_encoder_files)
+        assert len(run.images()) == 1, run.describe()
+    finally:
+        te.unlink(missing_ok=True)
+        tr.unlink(missing_ok=True)
