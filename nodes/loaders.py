@@ -226,9 +226,9 @@ class TextEncoderLoader(io.ComfyNode):
                                        "for FLUX.2 Prompt Upsample; it encodes exactly as the default. FLUX.2 [dev]'s "
                                        "Mistral-Small-3.x takes 48 GB in bf16, 13.3 GB more (about 7.8 GB more with FP8 "
                                        "layers; the head and vision tower stay bf16). It needs the Hugging Face folder "
-                                       "(text_encoder/ + tokenizer/): ComfyUI's single files have no LM head. text only: "
-                                       "without the vision tower (0.9 GB less; references cannot be read). [klein]'s "
-                                       "Qwen3 does not upsample."),
+                                       "(text_encoder/ + tokenizer/) or a whole llama.cpp GGUF (text only): ComfyUI's "
+                                       "single files have no LM head. text only: without the vision tower (0.9 GB less; "
+                                       "references cannot be read). [klein]'s Qwen3 does not upsample."),
             ],
             outputs=[TextEncoder.Output(display_name="text_encoder", tooltip="The loaded text encoder.")],
             hidden=[io.Hidden.unique_id],

@@ -176,6 +176,8 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -
 def llama_cpp_name(hf: str) -> str | None:
     if hf == "embed_tokens.weight":
         return "token_embd.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
     if hf == "norm.weight":
         return "output_norm.weight"
     parts = hf.split(".")
@@ -187,11 +189,13 @@ def llama_cpp_name(hf: str) -> str | None:
 
 
 def save_tiny_text_encoder_gguf(model, tokenizer, path: str, *, arch: str, ggml_type="Q8_0", vocab: bool = True,
-                                num_layers: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                                num_layers: int | None = None, seed: int = 0, head: bool = False) -> dict[str, torch.Tensor]:
     """Write a tiny Mistral3 / Qwen3 model as llama.cpp would (``arch`` "llama", "mistral3" or "qwen3").
 
     Returns the dequantized values by Hugging Face name without prefix (``layers.0.self_attn.q_proj.weight``),
-    un-permuted: the model the file describes. ``vocab=False`` leaves the tokenizer out.
+    un-permuted: the model the file describes. ``vocab=False`` leaves the tokenizer out. ``head=True`` also
+    writes the LM head (``output.weight``, in ``ggml_type``), as llama.cpp's conversions of whole models do;
+    its values come back as ``lm_head.weight``.
     """
     import gguf
 
@@ -202,6 +206,8 @@ def save_tiny_text_encoder_gguf(model, tokenizer, path: str, *, arch: str, ggml_
     config = model.config.text_config if hasattr(model.config, "text_config") else model.config
     prefix = "model.language_model." if family == "mistral" else "model."
     state = {k[len(prefix):]: v.detach().float() for k, v in model.state_dict().items() if k.startswith(prefix)}
+    if head:
+        state["lm_head.weight"] = model.lm_head.weight.detach().float()
     layers = num_layers or config.num_hidden_layers
     entries, reference = [], {}
     for hf in sorted(state):
@@ -247,13 +253,14 @@ def save_tiny_text_encoder_gguf(model, tokenizer, path: str, *, arch: str, ggml_
 
 
 def dequantized_text_model(model, reference: dict[str, torch.Tensor]):
-    """A copy of the Hugging Face ``model`` whose language-model weights are ``reference`` (the GGUF's values)."""
+    """A copy of the Hugging Face ``model`` whose language-model weights (and LM head, when the file has one) are
+    ``reference`` (the GGUF's values)."""
     import copy
 
     ref = copy.deepcopy(model).float()
     prefix = "model.language_model." if hasattr(ref.config, "text_config") else "model."
     sd = ref.state_dict()
     for hf, value in reference.items():
-        sd[prefix + hf] = value
+        sd[hf if hf == "lm_head.weight" else prefix + hf] = value
     ref.load_state_dict(sd)
     return ref.eval()

@@ -136,6 +136,33 @@ def test_only_the_read_layers_load_and_stay_packed(files):  # the hidden-256 mod
     ckpt.files.close()
 
 
+def test_a_whole_gguf_upsamples_prompts_like_diffusers_on_the_dequantized_model(mistral, tmp_path):
+    """A llama.cpp GGUF of the whole model (LM head as ``output.weight``) loads for text-only prompt upsampling: its
+    layers and head stay packed, it encodes bit for bit like the trimmed GGUF encoder, and its upsampled text equals
+    diffusers' ``upsample_prompt`` on the model holding the file's dequantized weights."""
+    from flux2kit.pipelines.models.full_text_encoder import load_full_text_encoder
+    from flux2kit.pipelines.prompting.upsample import upsample_prompt
+    from flux2kit.testing.upsampling import diffusers_upsample
+
+    model, tok = mistral
+    path = str(tmp_path / "mistral-whole-Q8_0.gguf")
+    values = save_tiny_text_encoder_gguf(model, tok, path, arch="llama", ggml_type="Q8_0", seed=7, head=True)
+    reference = dequantized_text_model(model, values)
+    assert torch.equal(reference.lm_head.weight, values["lm_head.weight"])
+    whole = load_full_text_encoder(path, dtype=torch.float32)
+    assert whole.parts == "full-text" and "text-only prompt upsampling" in whole.notes[0]  # the vision tower is mmproj's
+    head = whole.generator.lm_head
+    assert isinstance(head, GGUFLinear) and head.ggml_type.name == "Q8_0"
+    assert len(whole.generator.model.layers) == 32 and isinstance(whole.generator.model.layers[31].mlp.up_proj, GGUFLinear)
+    assert torch.equal(whole.encode(PROMPTS).embeds, load_text_encoder(path, dtype=torch.float32).encode(PROMPTS).embeds)
+    expected = diffusers_upsample(reference, tok, PROMPTS[0], temperature=0.7, seed=5, max_new_tokens=6)
+    ours = upsample_prompt(whole, PROMPTS[0], temperature=0.7, seed=5, max_new_tokens=6)
+    assert ours.text == expected and ours.new_tokens == 6
+    expanded = load_full_text_encoder(path, dtype=torch.float32, weights="dequantize", vision=False)
+    assert not gguf_layers(expanded.generator)
+    assert upsample_prompt(expanded, PROMPTS[0], temperature=0.7, seed=5, max_new_tokens=6).text == expected
+
+
 def test_a_gguf_without_vocabulary_needs_a_tokenizer_folder(mistral, qwen3, tmp_path):
     model, tok = qwen3
     path = str(tmp_path / "Qwen3-4B-Q8_0.gguf")
