@@ -28,9 +28,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import (  # noqa: E402
+# _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
+from _common import (
     Row, RssMeter, Timings, dev_proportions, gib, interleaved_times, load_average, machine_facts, print_result,
     ratio, run_measurements, table,
 )
