@@ -38,10 +38,12 @@ def add_demo_arguments(demo) -> None:
 def add_generate_arguments(gen) -> None:
     dev = DEFAULTS["dev"]
     add = gen.add_argument
-    add("--transformer", required=True, metavar="PATH", help="transformer file or diffusers folder")
+    add("--transformer", required=True, metavar="PATH", help="transformer file (safetensors or GGUF) or diffusers folder")
     add("--text-encoder", required=True, metavar="PATH",
-        help="text encoder: a Hugging Face folder or a ComfyUI single file (Mistral-Small-3 for [dev], Qwen3 for [klein])")
-    add("--tokenizer", metavar="DIR", help="tokenizer folder for a Qwen3 single-file text encoder (it carries none)")
+        help="text encoder: a Hugging Face folder, a ComfyUI single file or a llama.cpp GGUF (Mistral-Small-3 for "
+             "[dev], Qwen3 for [klein])")
+    add("--tokenizer", metavar="DIR", help="tokenizer folder for a single-file text encoder that carries none (ComfyUI's "
+                                           "Qwen3 files, GGUFs without a vocabulary)")
     add("--vae", required=True, metavar="PATH", help="VAE file (flux2-vae.safetensors) or diffusers folder")
     add("--prompt", default="", metavar="TEXT", help="text or a JSON prompt (may be empty when --image is given)")
     add("--image", dest="images", action="extend", nargs="+", default=[], metavar="PATH",
@@ -190,6 +192,7 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
         text_encoder, prompt, extra = upsample_prompt_files(paths["text_encoder"], upsample, prompt, images, job.request.seed,
                                                             device=text_encoder_device)
     if text_encoder is None:
+        _announce_gguf(paths["text_encoder"], "text_encoder", text_encoder_device)
         with timed(f"Loading the text encoder from {paths['text_encoder']}"):
             text_encoder = load_text_encoder(paths["text_encoder"], device=text_encoder_device, tokenizer=tokenizer)
     with timed("Encoding the prompt"):
@@ -200,6 +203,7 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
     del text_encoder
     with timed(f"Loading the VAE from {paths['vae']}"):
         vae = load_vae(paths["vae"], device=device)
+    _announce_gguf(paths["transformer"], "transformer", device)
     with timed(f"Loading the transformer from {paths['transformer']}"):
         transformer = load_transformer(paths["transformer"], device=device, offload_blocks=offload_blocks,
                                        klein_mode=klein_mode)
@@ -241,6 +245,16 @@ def _lora_entries(loras, merge: bool) -> list:
         strength = 1.0 if spec["strength"] is None else float(spec["strength"])
         entries.append(LoraEntry(read_lora(path), strength=strength, merge=merge))
     return entries
+
+
+def _announce_gguf(path: str, kind: str, device) -> None:
+    """A GGUF file's quantization mix and the memory it will take, before it loads."""
+    from ..pipelines.devices import default_dtype
+    from ..pipelines.files.gguf import is_gguf
+    from ..pipelines.files.memory_estimate import describe_before_loading
+
+    if os.path.isfile(path) and is_gguf(path):
+        say(describe_before_loading(path, kind, default_dtype(device)))
 
 
 def upsample_prompt_files(text_encoder_path: str, options: dict, prompt: str, images: list, seed: int, *, device):

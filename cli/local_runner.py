@@ -222,6 +222,8 @@ class LocalRunner:
                 continue
             except Flux2KitError:
                 pass
+            if value.lower().endswith(".gguf"):  # a GGUF workflow runs on the GGUF twins of the demo models
+                kind += "_gguf"
             demo = DEMO_FILES[kind].split("/", 1)[1] + ("/" if kind == "text_encoder" else "")
             node["inputs"][name] = demo
             self.log(f"Demo models: node #{nid} ({node['class_type']}) names {value!r}, which is not in "

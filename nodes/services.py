@@ -21,6 +21,9 @@ TEXT_ENCODER_FOLDERS = ("text_encoders",)
 VAE_FOLDERS = ("vae",)
 LORA_FOLDERS = ("loras",)
 _WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+# GGUF files are listed through folder keys of the pack's own, holding the core folders' own path lists:
+# adding ".gguf" to core's keys would make core's loaders offer files they cannot read.
+GGUF_FOLDER_KEYS = {"diffusion_models": "flux2kit_gguf_unet", "text_encoders": "flux2kit_gguf_clip"}
 
 
 # -- model files ---------------------------------------------------------------------------------
@@ -47,8 +50,30 @@ def _model_folders(root: str, marker: str | None) -> list[str]:
     return found
 
 
+def gguf_folder_key(name: str) -> str | None:
+    """The pack's folder key listing ``.gguf`` files in ComfyUI's folder ``name`` (registered on first use).
+
+    The key shares the core folder's own list of paths (as ComfyUI-GGUF's keys do), so paths added later
+    (extra_model_paths.yaml, ``models/unet`` next to ``models/diffusion_models``) are searched too; it is
+    registered again whenever the core folder's list object was replaced.
+    """
+    key = GGUF_FOLDER_KEYS.get(name)
+    table = getattr(folder_paths, "folder_names_and_paths", None)
+    if key is None or table is None or name not in table:
+        return None
+    paths = table[name][0]
+    if key not in table or table[key][0] is not paths:
+        table[key] = (paths, {".gguf"})
+    return key
+
+
+for _core_name in GGUF_FOLDER_KEYS:  # registered when the pack loads, as ComfyUI-GGUF registers its own
+    gguf_folder_key(_core_name)
+
+
 def list_models(folders: tuple[str, ...], *, component: str, files: bool = True) -> list[str]:
-    """Choices for a loader: weight files in ComfyUI's ``folders`` and model folders (trailing ``/``).
+    """Choices for a loader: weight files (safetensors, and GGUF through the pack's own folder keys) in
+    ComfyUI's ``folders``, and model folders (trailing ``/``).
 
     Folders come from the same roots and from ComfyUI's ``diffusers`` folder (pipeline folders that
     contain ``component``, e.g. ``transformer``).
@@ -60,6 +85,12 @@ def list_models(folders: tuple[str, ...], *, component: str, files: bool = True)
                 out += [f for f in folder_paths.get_filename_list(name) if f.lower().endswith(_WEIGHT_EXTENSIONS)]
             except (KeyError, AttributeError):
                 pass
+            key = gguf_folder_key(name)
+            if key is not None:
+                try:
+                    out += [f for f in folder_paths.get_filename_list(key) if f.lower().endswith(".gguf")]
+                except (KeyError, AttributeError):
+                    pass
         for root in _roots(name):
             out += _model_folders(root, component)
     for root in _roots("diffusers"):

@@ -23,6 +23,9 @@ DEMO_FILES = {
     "text_encoder": "text_encoders/mistral_3_small_tiny",
     "vae": "vae/flux2-vae-tiny.safetensors",
     "lora": "loras/flux2_dev_tiny_lora.safetensors",
+    # the same models as GGUF Q8_0 (ComfyUI-GGUF's layout; llama.cpp's with the vocabulary), for the GGUF workflow
+    "transformer_gguf": "diffusion_models/flux2_dev_tiny_q8_0.gguf",
+    "text_encoder_gguf": "text_encoders/mistral_3_small_tiny_q8_0.gguf",
 }
 # What the demo LoRA's safetensors metadata says about its training, as trainers write it.
 DEMO_LORA_METADATA = {"modelspec.title": "tiny random style", "modelspec.architecture": "flux-2-dev/lora",
@@ -59,10 +62,13 @@ def build_demo_models(folder: str, *, force: bool = False) -> dict[str, str]:
     """Build the tiny random FLUX.2 [dev] set once in ``folder`` (ComfyUI's models layout); returns the paths.
 
     The transformer is a ComfyUI FP8 single file, the VAE a single LDM-layout file and the text
-    encoder a Hugging Face folder: the forms users download. A matching marker means nothing is rebuilt.
+    encoder a Hugging Face folder: the forms users download; the transformer and the text encoder
+    also as GGUF Q8_0 files. A matching marker means nothing is rebuilt.
     """
+    from ..files.gguf_writer import save_gguf_text_encoder
     from ..files.text_encoder_checkpoint import HIDDEN_LAYERS
     from .lora import random_lora, save_lora
+    from .gguf import save_tiny_transformer_gguf
     from .text_encoder import build_tiny_mistral3, save_tiny_mistral3
     from .transformer import build_tiny_transformer, save_transformer
     from .vae import build_tiny_vae, save_vae_ldm
@@ -84,6 +90,8 @@ def build_demo_models(folder: str, *, force: bool = False) -> dict[str, str]:
         raise RuntimeError("the tiny text encoder's embeddings do not fit the tiny transformer's text input")
     save_transformer(transformer, paths["transformer"], "comfy-fp8")
     save_tiny_mistral3(text_encoder, tokenizer, paths["text_encoder"], layout="flat")
+    save_tiny_transformer_gguf(transformer, paths["transformer_gguf"], "Q8_0")
+    save_gguf_text_encoder(paths["text_encoder"], paths["text_encoder_gguf"], ggml_type="Q8_0")
     save_vae_ldm(build_tiny_vae(seed=DEMO_SEED), paths["vae"])
     save_lora(random_lora(dict(transformer.config), rank=4, seed=DEMO_SEED + 1), paths["lora"], "bfl", alpha=4.0,
               metadata=DEMO_LORA_METADATA)
