@@ -4,7 +4,7 @@
 CPU, proving the install works; ``flux2kit generate`` does the same with the real FLUX.2 files
 (generate.py); ``flux2kit run`` runs a ComfyUI workflow in-process or on a ComfyUI server (run.py);
 ``flux2kit batch`` runs one over many inputs, across servers, resumable (batch/); ``flux2kit
-quantize`` writes a model as a ComfyUI FP8 file (quantize.py).
+quantize`` writes a model as a ComfyUI FP8 file or a GGUF (quantize.py).
 Images go to files whose paths are printed on stdout; everything else goes to stderr.
 
 This room may import the engine (``pipelines``), the nodes and, for the in-process runner, ComfyUI's
@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.set_defaults(command=batch_command)
 
     quantize = sub.add_parser(
-        "quantize", help="write a bf16 FLUX.2 transformer or text encoder as a ComfyUI FP8 file",
+        "quantize", help="write a bf16 FLUX.2 transformer or text encoder as a ComfyUI FP8 file or a GGUF Q8_0",
         description="Quantize a FLUX.2 transformer or text encoder to float8_e4m3fn (one scale per tensor) and write "
-        "it in ComfyUI's current FP8 format, one tensor at a time. ComfyUI's loaders and flux2kit's read the result.")
+        "it in ComfyUI's current FP8 format, or (--format gguf-q8_0) to GGUF Q8_0 in ComfyUI-GGUF's / llama.cpp's "
+        "layout, one tensor at a time. ComfyUI's loaders (ComfyUI-GGUF's for GGUF) and flux2kit's read the result.")
     add_quantize_arguments(quantize)
     quantize.set_defaults(command=quantize_command)
     return parser

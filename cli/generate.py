@@ -7,6 +7,7 @@ loads; then the text encoder encodes the prompt and is freed before the transfor
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -37,10 +38,12 @@ def add_demo_arguments(demo) -> None:
 def add_generate_arguments(gen) -> None:
     dev = DEFAULTS["dev"]
     add = gen.add_argument
-    add("--transformer", required=True, metavar="PATH", help="transformer file or diffusers folder")
+    add("--transformer", required=True, metavar="PATH", help="transformer file (safetensors or GGUF) or diffusers folder")
     add("--text-encoder", required=True, metavar="PATH",
-        help="text encoder: a Hugging Face folder or a ComfyUI single file (Mistral-Small-3 for [dev], Qwen3 for [klein])")
-    add("--tokenizer", metavar="DIR", help="tokenizer folder for a Qwen3 single-file text encoder (it carries none)")
+        help="text encoder: a Hugging Face folder, a ComfyUI single file or a llama.cpp GGUF (Mistral-Small-3 for "
+             "[dev], Qwen3 for [klein])")
+    add("--tokenizer", metavar="DIR", help="tokenizer folder for a single-file text encoder that carries none (ComfyUI's "
+                                           "Qwen3 files, GGUFs without a vocabulary)")
     add("--vae", required=True, metavar="PATH", help="VAE file (flux2-vae.safetensors) or diffusers folder")
     add("--prompt", default="", metavar="TEXT", help="text or a JSON prompt (may be empty when --image is given)")
     add("--image", dest="images", action="extend", nargs="+", default=[], metavar="PATH",
@@ -75,6 +78,14 @@ def add_generate_arguments(gen) -> None:
     add("--text-encoder-device", metavar="DEVICE", help="where to run the text encoder (default: --device)")
     add("--offload-blocks", action="store_true",
         help="keep transformer blocks in RAM and move each to the GPU only while it runs")
+    add("--lora", dest="loras", action=LoraFileAction, default=[], metavar="FILE",
+        help="a FLUX.2 LoRA (.safetensors: ComfyUI/BFL, kohya, diffusers/PEFT, LoKr, DoRA); repeat to stack them")
+    add("--lora-strength", dest="loras", action=LoraStrengthAction, type=float, metavar="X",
+        help="strength of the --lora just before it (default 1; negative allowed)")
+    add("--lora-merge", action="store_true",
+        help="merge the LoRAs into copies of the weights they change (faster at high ranks, more memory) "
+             "instead of running them as a side branch")
+
     up = gen.add_argument_group("prompt upsampling", "rewrite the prompt with FLUX.2 [dev]'s own text encoder first "
                                 "(the whole model: its Hugging Face folder, 48 GB in bf16); the references are shown to it")
     up.add_argument("--upsample", action="store_true",
@@ -86,6 +97,27 @@ def add_generate_arguments(gen) -> None:
     up.add_argument("--upsample-text-encoder", metavar="PATH",
                     help="the Mistral text encoder folder to upsample with (default: --text-encoder; [klein] needs "
                          "FLUX.2 [dev]'s, as BFL's reference code does)")
+
+
+class LoraFileAction(argparse.Action):
+    """``--lora FILE``: a new LoRA of the stack, strength 1 until a ``--lora-strength`` follows."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        loras = list(getattr(namespace, self.dest, None) or [])
+        loras.append({"file": value, "strength": None})
+        setattr(namespace, self.dest, loras)
+
+
+class LoraStrengthAction(argparse.Action):
+    """``--lora-strength X``: the strength of the ``--lora`` given just before (pairs, in order)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        loras = list(getattr(namespace, self.dest, None) or [])
+        if not loras or loras[-1]["strength"] is not None:
+            parser.error("--lora-strength X goes right after the --lora FILE it applies to "
+                         "(e.g. --lora a.safetensors --lora-strength 0.8 --lora b.safetensors --lora-strength -0.5)")
+        loras[-1] = {**loras[-1], "strength": value}
+        setattr(namespace, self.dest, loras)
 
 
 def run_demo(args) -> None:
@@ -123,6 +155,7 @@ def run_generate(args) -> None:
     saved = generate_files(paths, params, args.images, out_dir=args.out, device=args.device,
                            text_encoder_device=args.text_encoder_device, offload_blocks=args.offload_blocks,
                            prefix="flux2kit", klein_mode=args.klein_mode, tokenizer=args.tokenizer, upsample=upsample,
+                           loras=args.loras, lora_merge=args.lora_merge,
                            edit_paths={"start_image": args.start_image, "mask": args.mask})
     for path in saved:
         print(path)
@@ -130,16 +163,19 @@ def run_generate(args) -> None:
 
 def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir: str, device, text_encoder_device,
                    offload_blocks: bool, prefix: str, klein_mode: str = "auto", tokenizer: str | None = None,
-                   upsample: dict | None = None, edit_paths: dict | None = None) -> list[str]:
+                   upsample: dict | None = None, loras=(), lora_merge: bool = False,
+                   edit_paths: dict | None = None) -> list[str]:
     """Make the images and save them as PNGs; returns their absolute paths.
 
     ``upsample``: ``{"temperature", "max_new_tokens", "text_encoder"}`` to rewrite the prompt first (seeded by
-    the noise seed) with the whole FLUX.2 [dev] text encoder; the PNGs record both prompts. ``edit_paths`` names
-    the start image and mask files for the PNGs' parameters.
+    the noise seed) with the whole FLUX.2 [dev] text encoder; the PNGs record both prompts.
+    ``loras``: [{"file", "strength"}] stacked in order; read and checked against the transformer's shapes
+    before anything big loads. ``edit_paths`` names the start image and mask files for the PNGs' parameters.
     """
     from ..pipelines.files.transformer_checkpoint import inspect_transformer, resolve_klein_mode
     from ..pipelines.generation.generate import generate
     from ..pipelines.models.text_encoder import load_text_encoder
+    from ..pipelines.models.lora import VARIANT_NAMES, apply_loras, check_loras_fit
     from ..pipelines.models.transformer import load_transformer
     from ..pipelines.models.vae import load_vae
     from ..pipelines.parameters import defaults_for
@@ -149,6 +185,8 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
     try:
         distilled = resolve_klein_mode(ckpt, klein_mode)
         family = ckpt.family
+        lora_entries = _lora_entries(loras, lora_merge)
+        check_loras_fit(ckpt.config, lora_entries, VARIANT_NAMES.get(ckpt.variant, f"FLUX.2 [{family}]"))
     finally:
         ckpt.files.close()
     params = {k: v for k, v in params.items() if v is not None}
@@ -168,6 +206,7 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
         text_encoder, prompt, extra = upsample_prompt_files(paths["text_encoder"], upsample, prompt, images, job.request.seed,
                                                             device=text_encoder_device)
     if text_encoder is None:
+        _announce_gguf(paths["text_encoder"], "text_encoder", text_encoder_device)
         with timed(f"Loading the text encoder from {paths['text_encoder']}"):
             text_encoder = load_text_encoder(paths["text_encoder"], device=text_encoder_device, tokenizer=tokenizer)
     with timed("Encoding the prompt"):
@@ -178,9 +217,16 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
     del text_encoder
     with timed(f"Loading the VAE from {paths['vae']}"):
         vae = load_vae(paths["vae"], device=device)
+    _announce_gguf(paths["transformer"], "transformer", device)
     with timed(f"Loading the transformer from {paths['transformer']}"):
         transformer = load_transformer(paths["transformer"], device=device, offload_blocks=offload_blocks,
                                        klein_mode=klein_mode)
+    if lora_entries:
+        transformer = apply_loras(transformer, lora_entries)
+        for entry in lora_entries:
+            say(f"LoRA {entry.lora.name} at {entry.strength:g}: {entry.lora.format}; {entry.lora.summary()}.")
+            for warning in entry.lora.warnings():
+                say(f"  warning: {warning}")
     say(f"Transformer: {transformer.checkpoint}, on {device}.")
 
     n = job.request.batch_size
@@ -197,7 +243,34 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
             "width": job.width, "height": job.height, "software": f"flux2kit {__version__}",
             "references": [os.path.basename(p) for p in image_paths],
             "models": {k: os.path.basename(os.path.normpath(v)) for k, v in paths.items()}}
+    if lora_entries:
+        base["loras"] = [{"file": e.lora.name, "strength": e.strength} for e in lora_entries]
     return save_pngs(pixels, out_dir, prefix, base)
+
+
+def _lora_entries(loras, merge: bool) -> list:
+    """The --lora files read (format checked, pickles refused) as LoraEntry objects, in order."""
+    from ..pipelines.files.lora_formats import read_lora
+    from ..pipelines.models.lora import LoraEntry
+
+    entries = []
+    for spec in loras:
+        path = spec["file"]
+        if not os.path.isfile(path):
+            raise Flux2KitError(f"LoRA not found: {path}. Check the path.")
+        strength = 1.0 if spec["strength"] is None else float(spec["strength"])
+        entries.append(LoraEntry(read_lora(path), strength=strength, merge=merge))
+    return entries
+
+
+def _announce_gguf(path: str, kind: str, device) -> None:
+    """A GGUF file's quantization mix and the memory it will take, before it loads."""
+    from ..pipelines.devices import default_dtype
+    from ..pipelines.files.gguf import is_gguf
+    from ..pipelines.files.memory_estimate import describe_before_loading
+
+    if os.path.isfile(path) and is_gguf(path):
+        say(describe_before_loading(path, kind, default_dtype(device)))
 
 
 def upsample_prompt_files(text_encoder_path: str, options: dict, prompt: str, images: list, seed: int, *, device):

@@ -29,12 +29,14 @@ LOADERS = {
     "Flux2KitTransformerLoader": ("model_name", "transformer", ("diffusion_models",)),
     "Flux2KitTextEncoderLoader": ("text_encoder_name", "text_encoder", ("text_encoders",)),
     "Flux2KitVAELoader": ("vae_name", "vae", ("vae",)),
+    "Flux2KitLoraLoader": ("lora_name", "lora", ("loras",)),
 }
 # ComfyUI's model folder names and their sub-folders of a models directory (folder_paths' defaults).
 MODEL_FOLDERS = {
     "diffusion_models": ("diffusion_models", "unet"),
     "text_encoders": ("text_encoders", "clip"),
     "vae": ("vae",),
+    "loras": ("loras",),
     "diffusers": ("diffusers",),
 }
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -225,6 +227,8 @@ class LocalRunner:
                 continue
             except Flux2KitError:
                 pass
+            if value.lower().endswith(".gguf"):  # a GGUF workflow runs on the GGUF twins of the demo models
+                kind += "_gguf"
             demo = DEMO_FILES[kind].split("/", 1)[1] + ("/" if kind == "text_encoder" else "")
             node["inputs"][name] = demo
             self.log(f"Demo models: node #{nid} ({node['class_type']}) names {value!r}, which is not in "

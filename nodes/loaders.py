@@ -9,6 +9,8 @@ from comfy_api.latest import io
 
 from ..pipelines.devices import default_dtype
 from ..pipelines.errors import Flux2KitError
+from ..pipelines.files.gguf import GGUFFile, is_gguf
+from ..pipelines.files.memory_estimate import describe_before_loading
 from ..pipelines.files.safetensors import read_header
 from ..pipelines.models.fp8_linear import WEIGHT_MODES
 from ..pipelines.models.full_text_encoder import load_full_text_encoder
@@ -26,16 +28,17 @@ PARTS_LABELS = {"FLUX.2 layers (encode only)": "flux2", "full model, for prompt 
                 "full model, text only (no vision tower)": "full-text"}
 
 
-def _file_fingerprint(folders: tuple[str, ...], choice: str):
-    """Reload when the file (or a folder's newest file) changes on disk under the same name."""
-    try:
-        path = services.resolve_model(folders, choice)
-        if os.path.isdir(path):
-            return max((os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs), default=0)
-        st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns)
-    except Exception:  # missing: the loader itself reports it
+def _announce(node_id, path: str, kind: str, dtype, weight_mode) -> str | None:
+    """For a GGUF file loaded as stored: its quantization mix and the memory it will take, on the node before
+    loading (a header read); returned so the node can show it again when done."""
+    if not (os.path.isfile(path) and is_gguf(path)) or WEIGHT_MODE_LABELS.get(weight_mode or "", "as_stored") != "as_stored":
         return None
+    try:
+        text = describe_before_loading(path, kind, dtype)
+    except Exception:  # the load itself reports a bad file, with the full message
+        return None
+    services.show_text(node_id, "loading " + os.path.basename(path) + "\n" + text)
+    return text
 
 
 def _bytes(module: torch.nn.Module, skip=()) -> int:
@@ -56,14 +59,19 @@ class TransformerLoader(io.ComfyNode):
             display_name="FLUX.2 Load Transformer (flux2kit)",
             category=CATEGORY,
             description="Loads a FLUX.2 transformer ([dev], [klein] 4B or 9B) from a BFL or ComfyUI single file (bf16 "
-                        "or FP8) or a diffusers folder. The layout and the model are detected from the file itself.",
+                        "or FP8), a GGUF file (Q8_0 ... Q2_K, kept quantized in memory) or a diffusers folder. The "
+                        "layout and the model are detected from the file itself; for GGUF files the node shows the "
+                        "quantization mix and the memory the model takes before it loads.",
             inputs=[
                 io.Combo.Input("model_name", options=services.list_models(services.TRANSFORMER_FOLDERS, component="transformer"),
-                               tooltip="A file in models/diffusion_models (e.g. flux2_dev_fp8mixed.safetensors) or a "
-                                       "diffusers folder (ending in /) in models/diffusion_models or models/diffusers."),
+                               tooltip="A file in models/diffusion_models or models/unet (e.g. flux2_dev_fp8mixed.safetensors, "
+                                       "or a GGUF such as flux2-dev-Q4_K_M.gguf) or a diffusers folder (ending in /) in "
+                                       "models/diffusion_models or models/diffusers."),
                 io.Combo.Input("weight_mode", options=list(WEIGHT_MODE_LABELS), default="fp8 as stored",
                                tooltip="fp8 as stored: FP8 layers stay FP8 in memory (FP8 matmuls on RTX 40xx and newer, "
-                                       "per-layer dequantization elsewhere). bf16: expand FP8 layers at load (twice the memory). "
+                                       "per-layer dequantization elsewhere), GGUF weights stay quantized (each layer is "
+                                       "dequantized just for its own matmul). bf16: expand FP8 or GGUF layers at load "
+                                       "(several times the memory). "
                                        "fp8 quantize on load: a bf16 file's block linears become FP8 while loading (half "
                                        "the memory; the same numbers as a file saved by FLUX.2 Save FP8)."),
                 io.Boolean.Input("offload_blocks", default=False,
@@ -80,21 +88,26 @@ class TransformerLoader(io.ComfyNode):
                                        "folder."),
             ],
             outputs=[Transformer.Output(display_name="transformer", tooltip="The loaded FLUX.2 transformer.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def fingerprint_inputs(cls, model_name, weight_mode, offload_blocks, klein_mode="auto"):
-        return _file_fingerprint(services.TRANSFORMER_FOLDERS, model_name)
+        return services.file_fingerprint(services.TRANSFORMER_FOLDERS, model_name)
 
     @classmethod
     def execute(cls, model_name, weight_mode, offload_blocks, klein_mode="auto") -> io.NodeOutput:
         path = services.resolve_model(services.TRANSFORMER_FOLDERS, model_name)
         device = services.compute_device()
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        status = _announce(node_id, path, "transformer", default_dtype(device), weight_mode)
         t = load_transformer(path, device=services.offload_device(), dtype=default_dtype(device),
                              weights=WEIGHT_MODE_LABELS.get(weight_mode, "as_stored"), offload_blocks=offload_blocks,
                              klein_mode=klein_mode or "auto")
         blocks = [t.model.transformer_blocks, t.model.single_transformer_blocks] if offload_blocks else []
         services.attach_patcher(t, t.model, size=_bytes(t.model, blocks))
+        if status:
+            services.show_text(node_id, f"loaded {t.name}\n{status}")
         return io.NodeOutput(t)
 
 
@@ -138,8 +151,13 @@ def _text_encoder_choices() -> list[str]:
 
 
 def _comfy_tokenizer(path: str) -> str | None:
-    """ComfyUI's own Qwen tokenizer folder for a Qwen3 single file (which carries none), as ComfyUI uses it."""
-    if not os.path.isfile(path) or not any(k.endswith("self_attn.q_norm.weight") for k in _header_keys(path)):
+    """ComfyUI's own Qwen tokenizer folder for a Qwen3 single file (or GGUF) that carries none, as ComfyUI uses it."""
+    if not os.path.isfile(path):
+        return None
+    if is_gguf(path):
+        if not _qwen3_gguf_without_vocabulary(path):
+            return None
+    elif not any(k.endswith("self_attn.q_norm.weight") for k in _header_keys(path)):
         return None
     try:
         import comfy.text_encoders
@@ -151,6 +169,14 @@ def _comfy_tokenizer(path: str) -> str | None:
         if os.path.isdir(folder):
             return folder
     return None
+
+
+def _qwen3_gguf_without_vocabulary(path: str) -> bool:
+    try:
+        with GGUFFile(path) as f:
+            return f.architecture == "qwen3" and not f.array_length("tokenizer.ggml.tokens")
+    except Exception:  # the loader reports a bad file itself
+        return False
 
 
 def _header_keys(path: str) -> list[str]:
@@ -169,18 +195,21 @@ class TextEncoderLoader(io.ComfyNode):
             category=CATEGORY,
             description="Loads FLUX.2 [dev]'s Mistral-Small-3 text encoder from a Hugging Face folder (config, "
                         "weights and tokenizer) or a diffusers FLUX.2 folder; only the 30 layers FLUX.2 reads. "
-                        "Also ComfyUI's single files (mistral_3_small_flux2_*.safetensors, qwen_3_*.safetensors), bf16 or FP8.",
+                        "Also ComfyUI's single files (mistral_3_small_flux2_*.safetensors, qwen_3_*.safetensors), bf16 or FP8, "
+                        "and llama.cpp GGUF files of Mistral-Small-3.x or Qwen3 (kept quantized; the node shows their "
+                        "quantization mix and memory before loading).",
             inputs=[
                 io.Combo.Input("text_encoder_name",
                                options=_text_encoder_choices(),
                                tooltip="A folder in models/text_encoders (with config.json and tokenizer files), a "
-                                       "diffusers FLUX.2 folder in models/diffusers, or a ComfyUI single file "
+                                       "diffusers FLUX.2 folder in models/diffusers, a ComfyUI single file "
                                        "(mistral_3_small_flux2_bf16/fp8.safetensors; qwen_3_*.safetensors use ComfyUI's "
-                                       "Qwen tokenizer)."),
+                                       "Qwen tokenizer), or a GGUF in models/text_encoders or models/clip (e.g. "
+                                       "Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf, Qwen3-4B-Q8_0.gguf)."),
                 io.Combo.Input("weight_mode", options=list(WEIGHT_MODE_LABELS), default="fp8 as stored", optional=True,
-                               tooltip="fp8 as stored: an FP8 file stays FP8 in memory, a bf16 one stays bf16. bf16: expand "
-                                       "FP8 layers at load. fp8 quantize on load: the attention and MLP linears become FP8 "
-                                       "while loading (about half the memory of bf16)."),
+                               tooltip="fp8 as stored: an FP8 file stays FP8 in memory, a GGUF stays quantized, a bf16 "
+                                       "one stays bf16. bf16: expand FP8 or GGUF layers at load. fp8 quantize on load: the "
+                                       "attention and MLP linears become FP8 while loading (about half the memory of bf16)."),
                 io.Combo.Input("parts", options=list(PARTS_LABELS), default="FLUX.2 layers (encode only)",
                                optional=True,
                                tooltip="FLUX.2 layers: the 30 of Mistral's 40 layers FLUX.2 reads (the default). full "
@@ -188,9 +217,9 @@ class TextEncoderLoader(io.ComfyNode):
                                        "for FLUX.2 Prompt Upsample; it encodes exactly as the default. FLUX.2 [dev]'s "
                                        "Mistral-Small-3.x takes 48 GB in bf16, 13.3 GB more (about 7.8 GB more with FP8 "
                                        "layers; the head and vision tower stay bf16). It needs the Hugging Face folder "
-                                       "(text_encoder/ + tokenizer/): ComfyUI's single files have no LM head. text only: "
-                                       "without the vision tower (0.9 GB less; references cannot be read). [klein]'s "
-                                       "Qwen3 does not upsample."),
+                                       "(text_encoder/ + tokenizer/) or a whole llama.cpp GGUF (text only): ComfyUI's "
+                                       "single files have no LM head. text only: without the vision tower (0.9 GB less; "
+                                       "references cannot be read). [klein]'s Qwen3 does not upsample."),
             ],
             outputs=[TextEncoder.Output(display_name="text_encoder", tooltip="The loaded text encoder.")],
             hidden=[io.Hidden.unique_id],
@@ -204,24 +233,29 @@ class TextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, text_encoder_name, weight_mode=None, parts=None):
-        return _file_fingerprint(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
+        return services.file_fingerprint(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
 
     @classmethod
     def execute(cls, text_encoder_name, weight_mode=None, parts=None) -> io.NodeOutput:
         path = services.resolve_model(services.TEXT_ENCODER_FOLDERS, text_encoder_name)
         kind = PARTS_LABELS.get(parts or "", "flux2")
-        options = dict(device=services.offload_device(), dtype=default_dtype(services.compute_device()),
+        dtype = default_dtype(services.compute_device())
+        options = dict(device=services.offload_device(), dtype=dtype,
                        weights=WEIGHT_MODE_LABELS.get(weight_mode or "", "as_stored"), tokenizer=_comfy_tokenizer(path))
+        node_id = cls.hidden.unique_id if cls.hidden else None
         if kind == "flux2":
+            status = _announce(node_id, path, "text_encoder", dtype, weight_mode)
             te = load_text_encoder(path, **options)
             services.attach_patcher(te, te.model, size=_bytes(te.model))
+            if status:
+                services.show_text(node_id, f"loaded\n{status}")
             return io.NodeOutput(te)
         te = load_full_text_encoder(path, vision=kind == "full", **options)
         whole, read = te.memory()
         services.attach_patcher(te, te.generator, size=whole)
         status = (f"full model ({'with' if te.has_vision else 'without'} vision tower): {_size(whole)}, "
                   f"{_size(whole - read)} more than the layers FLUX.2 reads")
-        services.show_text(cls.hidden.unique_id if cls.hidden else None, "\n".join([status, *te.notes]))
+        services.show_text(node_id, "\n".join([status, *te.notes]))
         for note in te.notes:
             services.log.warning("flux2kit: %s", note)
         return io.NodeOutput(te)
@@ -244,7 +278,7 @@ class VAELoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, vae_name):
-        return _file_fingerprint(services.VAE_FOLDERS, vae_name)
+        return services.file_fingerprint(services.VAE_FOLDERS, vae_name)
 
     @classmethod
     def execute(cls, vae_name) -> io.NodeOutput:

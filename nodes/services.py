@@ -19,7 +19,11 @@ log = logging.getLogger("flux2kit")
 TRANSFORMER_FOLDERS = ("diffusion_models",)
 TEXT_ENCODER_FOLDERS = ("text_encoders",)
 VAE_FOLDERS = ("vae",)
+LORA_FOLDERS = ("loras",)
 _WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+# GGUF files are listed through folder keys of the pack's own, holding the core folders' own path lists:
+# adding ".gguf" to core's keys would make core's loaders offer files they cannot read.
+GGUF_FOLDER_KEYS = {"diffusion_models": "flux2kit_gguf_unet", "text_encoders": "flux2kit_gguf_clip"}
 
 
 # -- model files ---------------------------------------------------------------------------------
@@ -46,8 +50,30 @@ def _model_folders(root: str, marker: str | None) -> list[str]:
     return found
 
 
+def gguf_folder_key(name: str) -> str | None:
+    """The pack's folder key listing ``.gguf`` files in ComfyUI's folder ``name`` (registered on first use).
+
+    The key shares the core folder's own list of paths (as ComfyUI-GGUF's keys do), so paths added later
+    (extra_model_paths.yaml, ``models/unet`` next to ``models/diffusion_models``) are searched too; it is
+    registered again whenever the core folder's list object was replaced.
+    """
+    key = GGUF_FOLDER_KEYS.get(name)
+    table = getattr(folder_paths, "folder_names_and_paths", None)
+    if key is None or table is None or name not in table:
+        return None
+    paths = table[name][0]
+    if key not in table or table[key][0] is not paths:
+        table[key] = (paths, {".gguf"})
+    return key
+
+
+for _core_name in GGUF_FOLDER_KEYS:  # registered when the pack loads, as ComfyUI-GGUF registers its own
+    gguf_folder_key(_core_name)
+
+
 def list_models(folders: tuple[str, ...], *, component: str, files: bool = True) -> list[str]:
-    """Choices for a loader: weight files in ComfyUI's ``folders`` and model folders (trailing ``/``).
+    """Choices for a loader: weight files (safetensors, and GGUF through the pack's own folder keys) in
+    ComfyUI's ``folders``, and model folders (trailing ``/``).
 
     Folders come from the same roots and from ComfyUI's ``diffusers`` folder (pipeline folders that
     contain ``component``, e.g. ``transformer``).
@@ -59,11 +85,40 @@ def list_models(folders: tuple[str, ...], *, component: str, files: bool = True)
                 out += [f for f in folder_paths.get_filename_list(name) if f.lower().endswith(_WEIGHT_EXTENSIONS)]
             except (KeyError, AttributeError):
                 pass
+            key = gguf_folder_key(name)
+            if key is not None:
+                try:
+                    out += [f for f in folder_paths.get_filename_list(key) if f.lower().endswith(".gguf")]
+                except (KeyError, AttributeError):
+                    pass
         for root in _roots(name):
             out += _model_folders(root, component)
     for root in _roots("diffusers"):
         out += [f for f in _model_folders(root, component) if os.path.isdir(os.path.join(root, f, component))]
     return sorted(dict.fromkeys(out))
+
+
+def list_files(folders: tuple[str, ...]) -> list[str]:
+    """Every file ComfyUI lists in ``folders`` (pickles too, so that choosing one gets a clear refusal)."""
+    out: list[str] = []
+    for name in folders:
+        try:
+            out += list(folder_paths.get_filename_list(name))
+        except (KeyError, AttributeError):
+            pass
+    return sorted(dict.fromkeys(out))
+
+
+def file_fingerprint(folders: tuple[str, ...], choice: str):
+    """Changes when the file (or a folder's newest file) changes on disk under the same name: reload then."""
+    try:
+        path = resolve_model(folders, choice)
+        if os.path.isdir(path):
+            return max((os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(path) for f in fs), default=0)
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except Exception:  # missing: the loader itself reports it
+        return None
 
 
 def model_roots(folders: tuple[str, ...]) -> list[str]:
@@ -115,12 +170,16 @@ def offload_device() -> torch.device:
     return torch.device("cpu")
 
 
-def attach_patcher(engine_object, module: torch.nn.Module, *, size: int | None = None) -> None:
+def attach_patcher(engine_object, module: torch.nn.Module, *, size: int | None = None, clone_of=None) -> None:
     """Register an engine model with ComfyUI's memory accounting (``engine_object.patcher``).
 
     ComfyUI can then move it off the GPU when another model needs the memory, and "Free model and
     node cache" (/free) unloads it. The patcher moves the whole model at once (never split across
     devices); the engine object's own ``to`` keeps its device bookkeeping right.
+
+    ``clone_of``: a patcher whose model this object shares (a LoRA'd variant of a loaded base). The new
+    patcher holds the same model object, as core's ``ModelPatcher.clone`` does, so ComfyUI counts the
+    base once (``is_clone``) and unloads one variant's bookkeeping when another loads.
     """
     engine_object.patcher = None
     try:
@@ -164,10 +223,15 @@ def attach_patcher(engine_object, module: torch.nn.Module, *, size: int | None =
 
     if size is None:
         size = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    holder = _Holder(module)
-    holder.device = getattr(engine_object, "device", torch.device("cpu"))
+    if clone_of is not None:
+        holder = clone_of.model
+    else:
+        holder = _Holder(module)
+        holder.device = getattr(engine_object, "device", torch.device("cpu"))
     engine_object.patcher = Flux2KitPatcher(holder, load_device=compute_device(), offload_device=offload_device(),
                                             size=size)
+    if clone_of is not None:
+        engine_object.patcher.parent = clone_of  # like ModelPatcher.clone: ComfyUI falls back to the base
 
 
 def load_to_device(*engine_objects, memory_required: int = 0) -> None:

@@ -33,6 +33,8 @@ _EXPORTS = {
     "upsample_prompt": "prompting.upsample", "Upsampled": "prompting.upsample",
     "load_vae": "models.vae", "Flux2VAE": "models.vae",
     "inspect_transformer": "files.transformer_checkpoint", "inspect_text_encoder": "files.text_encoder_checkpoint",
+    # LoRAs
+    "read_lora": "files.lora_formats", "apply_loras": "models.lora", "LoraEntry": "models.lora",
     # quantize / save
     "save_fp8_transformer": "files.quantize", "save_text_encoder_file": "files.quantize",
     # generation and its stages

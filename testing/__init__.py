@@ -6,5 +6,7 @@
 - ``real_comfyui``: starts a real ComfyUI (``COMFYUI_PATH``) with this pack and talks to it through the
   one client (``cli.comfy_client``); the ``comfyui`` fixture in tests/conftest.py uses it.
 - ``upsampling``: the references for prompt upsampling (diffusers' ``upsample_prompt``, transformers' ``PixtralProcessor``).
+- ``lora_reference``: the references for LoRAs (diffusers' checkpoint converter on merged weights, its
+  ``load_lora_weights`` on a bare transformer) and fixed transformer inputs.
 - ``pictures``: deterministic test pictures.
 """

@@ -1,7 +1,8 @@
 """A real ComfyUI server for integration tests: started on 127.0.0.1 with flux2kit and the demo models.
 
 ``comfyui_server(root)`` (a context manager; the session fixture ``comfyui`` in tests/conftest.py uses it)
-builds the tiny demo models once into ``root/models``, points ComfyUI at them with an
+checks that ComfyUI's Python has flux2kit's requirements (requirements.txt; it raises ``MissingRequirements``
+with the pip command otherwise: GGUF needs gguf and accelerate there), builds the tiny demo models once into ``root/models``, points ComfyUI at them with an
 extra_model_paths.yaml, keeps input/output/temp/user folders (and ComfyUI's detail log and database)
 in ``root``, gives the server its own custom_nodes folder (``root/custom_nodes/flux2kit``, a symlink to this
 repository; ComfyUI's ``--base-directory``), so the shared checkout's ``custom_nodes`` is never touched and
@@ -45,6 +46,10 @@ class ComfyUIUnavailable(Exception):
     """No usable ComfyUI (COMFYUI_PATH unset or wrong, or its Python missing): skip."""
 
 
+class MissingRequirements(RuntimeError):
+    """ComfyUI's Python lacks some of flux2kit's requirements: the message names them and the install command."""
+
+
 class ComfyUIError(RuntimeError):
     """The server answered with an HTTP error; ``status`` and ``body`` (parsed JSON when possible)."""
 
@@ -62,6 +67,47 @@ def comfyui_path() -> Path | None:
 
 def comfyui_python(path: Path) -> str:
     return os.environ.get("COMFYUI_PYTHON") or str(path.parent / "comfyui-venv" / "bin" / "python")
+
+
+def requirements() -> dict[str, str]:
+    """flux2kit's requirements as ComfyUI-Manager installs them (requirements.txt): distribution name -> line."""
+    found = {}
+    for line in (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            found[re.match(r"[A-Za-z0-9._-]+", line).group(0)] = line
+    return found
+
+
+_FIND_MISSING = """
+import importlib.metadata, sys
+for name in sys.argv[1:]:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        print(name)
+"""
+
+
+def missing_requirements(python: str) -> list[str]:
+    """The requirement lines ``python`` (ComfyUI's) has no distribution for, e.g. ``gguf>=0.19``."""
+    wanted = requirements()
+    result = subprocess.run([python, "-c", _FIND_MISSING, *wanted], capture_output=True, text=True, timeout=120)
+    if result.returncode:
+        raise RuntimeError(f"{python} could not list its packages:\n{result.stderr[-2000:]}")
+    return [wanted[name] for name in result.stdout.split()]
+
+
+def check_requirements(python: str) -> None:
+    """Refuse, naming what to install, when ComfyUI's Python cannot run flux2kit (a GGUF file needs gguf and
+    accelerate there, for instance); the pack itself would load and fail only on the first such file."""
+    missing = missing_requirements(python)
+    if missing:
+        quoted = " ".join(f"'{line}'" for line in missing)
+        raise MissingRequirements(
+            f"ComfyUI's Python ({python}) lacks flux2kit's requirements {', '.join(missing)} (requirements.txt, "
+            f"what ComfyUI-Manager installs). Install them there:\n    {python} -m pip install {quoted}\n"
+            "(see DEVELOPERS.md, 'Tests against a real ComfyUI').")
 
 
 def free_port() -> int:
@@ -155,7 +201,8 @@ class ComfyUIServer:
             f"    base_path: {json.dumps(str(self.models))}\n"
             "    diffusion_models: diffusion_models/\n"
             "    text_encoders: text_encoders/\n"
-            "    vae: vae/\n",
+            "    vae: vae/\n"
+            "    loras: loras/\n",
             encoding="utf-8",
         )
         self._log_file = open(self.log_path, "wb")
@@ -322,8 +369,11 @@ def build_models(models: Path) -> dict[str, str]:
         "transformer": name(DEMO_FILES["transformer"]),
         "text_encoder": name(DEMO_FILES["text_encoder"]),
         "vae": name(DEMO_FILES["vae"]),
+        "lora": name(DEMO_FILES["lora"]),
         "comfy_vae": name(COMFY_VAE),
         "not_a_model": name(NOT_A_MODEL),
+        "transformer_gguf": name(DEMO_FILES["transformer_gguf"]),
+        "text_encoder_gguf": name(DEMO_FILES["text_encoder_gguf"]),
     }
 
 
@@ -338,6 +388,7 @@ def comfyui_server(root: Path, comfyui: Path | None = None, python: str | None =
     python = python or comfyui_python(comfyui)
     if not os.path.exists(python):
         raise ComfyUIUnavailable(f"ComfyUI's Python {python} does not exist; set COMFYUI_PYTHON")
+    check_requirements(python)
     root.mkdir(parents=True, exist_ok=True)
     models = root / "models"
     names = build_models(models)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import decimal
 import itertools
 import json
 import os
@@ -69,17 +70,22 @@ def read_rows(path: str) -> list[tuple[int, object]]:
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
-    """``KEY=A..B`` (whole numbers, inclusive), ``KEY=A..B:STEP``, ``KEY=a,b,c`` or ``KEY=["a, b", "c"]``."""
+    """``KEY=A..B`` (inclusive), ``KEY=A..B:STEP`` (whole or decimal numbers: ``0..1:0.25``), ``KEY=a,b,c``
+    or ``KEY=["a, b", "c"]``."""
     key, sep, spec = text.partition("=")
     key, spec = key.strip(), spec.strip()
     if not sep or not key or not spec:
         raise Flux2KitError(f"--sweep {text!r}: expected KEY=VALUES, e.g. seed=1..100 or prompt=a,b,c.")
-    m = re.fullmatch(r"(-?\d+)\s*\.\.\s*(-?\d+)(?:\s*:\s*(\d+))?", spec)
+    number = r"-?\d+(?:\.\d+)?"
+    m = re.fullmatch(rf"({number})\s*\.\.\s*({number})(?:\s*:\s*({number}))?", spec)
     if m:
-        start, stop, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+        # Decimal arithmetic: 0..1:0.1 gives 0.3, not 0.30000000000000004, and ends exactly at 1.
+        start, stop, step = (decimal.Decimal(g) for g in (m.group(1), m.group(2), m.group(3) or "1"))
         if step <= 0 or stop < start:
-            raise Flux2KitError(f"--sweep {text!r}: a range goes up, e.g. 1..100 or 0..90:10.")
-        return key, list(range(start, stop + 1, step))
+            raise Flux2KitError(f"--sweep {text!r}: a range goes up, e.g. 1..100, 0..90:10 or 0..1:0.25.")
+        values = [start + i * step for i in range(int((stop - start) // step) + 1)]
+        whole = all("." not in (g or "") for g in m.groups())
+        return key, [int(v) if whole else float(v) for v in values]
     if spec.startswith("["):
         try:
             values = json.loads(spec)

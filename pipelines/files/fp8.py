@@ -47,17 +47,53 @@ def fp8_max(dtype) -> float:
     return float(torch.finfo(check_fp8(dtype)).max)
 
 
-def quantize_weight(w: Tensor, *, per_row: bool = False, dtype=torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+def quantize_weight(w: Tensor, *, per_row: bool = False, dtype=torch.float8_e4m3fn,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Quantize a weight to FP8; returns ``(w_fp8, scale)`` with fp32 ``scale`` of shape
-    ``()`` or, per row, ``(out_features,)``, so that ``w ~= w_fp8.float() * scale``."""
+    ``()`` or, per row, ``(out_features,)``, so that ``w ~= w_fp8.float() * scale``.
+
+    Rounding is to nearest (ties to even); with a ``generator``, stochastic (see ``stochastic_round``).
+    """
     dtype = check_fp8(dtype)
     w = w.detach().float()
     amax = w.abs().amax(dim=1) if per_row else w.abs().amax()
     # An all-zero tensor or row would give scale 0 and 0/0 = NaN; any positive scale works.
     scale = torch.where(amax > 0, amax / fp8_max(dtype), torch.ones_like(amax))
     w_scaled = w / (scale[:, None] if per_row else scale)
+    if generator is not None:
+        return stochastic_round(w_scaled, dtype, generator), scale
     w_fp8 = w_scaled.clamp(-fp8_max(dtype), fp8_max(dtype)).to(dtype)
     return w_fp8, scale
+
+
+_ROUND_CHUNK = 1 << 22  # elements per step: the random numbers of a big layer need not exist all at once
+
+
+def stochastic_round(x: Tensor, dtype, generator: torch.Generator) -> Tensor:
+    """``x`` (fp32, already in the FP8 range) rounded to ``dtype`` up or down at random, with probability
+    proportional to closeness: unbiased (E[round(x)] = x), so a small added delta survives on average
+    where round-to-nearest would drop it. Deterministic for a seeded ``generator``.
+
+    torch has no stochastic FP8 cast, so it is built here from the nearest value and its neighbour one
+    code away (FP8 codes of one sign are ordered by magnitude).
+    """
+    dtype = check_fp8(dtype)
+    limit = fp8_max(dtype)
+    flat, out = x.reshape(-1), torch.empty(x.numel(), dtype=dtype, device=x.device)
+    for start in range(0, flat.numel(), _ROUND_CHUNK):
+        v = flat[start:start + _ROUND_CHUNK].float().clamp(-limit, limit)
+        near = v.to(dtype)
+        nf = near.float()
+        code = near.view(torch.uint8).to(torch.int16)
+        magnitude = (code & 0x7F) + (v.abs() > nf.abs()).to(torch.int16) - (v.abs() < nf.abs()).to(torch.int16)
+        sign = torch.where(v < 0, 0x80, 0).to(torch.int16)
+        other = (sign | magnitude).to(torch.uint8)
+        gap = (other.view(dtype).float() - nf).abs()
+        p = torch.where(gap > 0, (v - nf).abs() / gap.clamp_min(1e-30), torch.zeros_like(v))
+        u = torch.rand(v.shape, generator=generator, device=v.device)
+        chosen = torch.where(u < p, other, near.view(torch.uint8))
+        out.view(torch.uint8)[start:start + _ROUND_CHUNK] = chosen
+    return out.reshape(x.shape)
 
 
 def dequantize_weight(w_fp8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:

@@ -169,7 +169,7 @@ def _reader(files, key: str, q: LayerQuant | None) -> Callable[[], torch.Tensor]
     return lambda: read_dequantized(files, key[: -len(".weight")], q)
 
 
-def _bfl_sources(ckpt: TransformerCheckpoint) -> dict[str, tuple[TensorInfo, Callable[[], torch.Tensor], bool]]:
+def bfl_sources(ckpt: TransformerCheckpoint) -> dict[str, tuple[TensorInfo, Callable[[], torch.Tensor], bool]]:
     """BFL name -> (info of the float tensor, reader, was FP8) for every model tensor of the checkpoint."""
     files, prefix = ckpt.files, ckpt.prefix
     out = {}
@@ -220,7 +220,7 @@ def quantized_transformer_view(ckpt: TransformerCheckpoint, *, prefix: str = COM
     """
     sources: dict[str, _Source] = {}
     cache = _LayerCache()
-    for name, (info, read, was_fp8) in _bfl_sources(ckpt).items():
+    for name, (info, read, was_fp8) in bfl_sources(ckpt).items():
         layer, _, param = name.rpartition(".")
         if param == "weight" and len(info.shape) == 2 and (is_quantizable_transformer_layer(layer) or was_fp8):
             _add_quantized(sources, cache, prefix + layer, info.shape, read)
@@ -283,7 +283,7 @@ def quantization_metadata(view: QuantizedView, *, strip: str = "") -> str:
 # Text encoders, in ComfyUI's single-file form
 
 
-def _canonical_sources(files, prefix: str) -> dict[str, tuple[TensorInfo, Callable[[], torch.Tensor], LayerQuant | None]]:
+def canonical_sources(files, prefix: str) -> dict[str, tuple[TensorInfo, Callable[[], torch.Tensor], LayerQuant | None]]:
     """Language-model tensors by name without prefix (``layers.0.mlp.up_proj.weight`` ...), FP8 side tensors folded in."""
     _, layers = scan_quantization(files, prefix)
     out = {}
@@ -311,7 +311,7 @@ def text_encoder_view(files, prefix: str, *, quantize: bool, extra: dict[str, _S
     """
     sources: dict[str, _Source] = {}
     cache = _LayerCache()
-    for name, (info, read, q) in _canonical_sources(files, prefix).items():
+    for name, (info, read, q) in canonical_sources(files, prefix).items():
         layer, _, param = name.rpartition(".")
         if param == "weight" and len(info.shape) == 2 and (q is not None or (
                 quantize and is_quantizable_text_encoder_layer(layer))):

@@ -1,8 +1,8 @@
 """Safetensors files: read the header without loading anything, stream tensors one at a time, write one at a time.
 
 Formats are detected from this header (names, dtypes, shapes, metadata), never from file names.
-Weights are read only through ``safetensors``; anything else (pickles, GGUF) is refused with a
-message that says what to download instead.
+Weights are read only through ``safetensors`` here; pickles are refused with a message that says what to
+download instead, and GGUF files are read by ``gguf.py`` (transformers and text encoders only).
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def _refuse_foreign_file(path: str, head: bytes) -> None:
             "because a pickle can run code when it is opened. Download the .safetensors version "
             "of this model instead."
         )
-    if head.startswith(b"GGUF"):
+    if head.startswith(b"GGUF"):  # the transformer and text encoder loaders read GGUF (files/gguf.py); nothing else does
         raise UnsupportedFormatError(
-            f"{name} is a GGUF file. flux2kit loads .safetensors checkpoints (bf16 or FP8); "
-            "use a GGUF loader pack for this file, or download the .safetensors version."
+            f"{name} is a GGUF file. flux2kit reads GGUF FLUX.2 transformers and text encoders (in their loaders); "
+            "this one needs a .safetensors file: download the .safetensors version."
         )
 
 

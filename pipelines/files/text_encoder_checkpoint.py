@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 from ..errors import Flux2KitError, UnsupportedFormatError
 from .fp8 import LayerQuant, scan_quantization
+from .gguf import GGUFFile, is_gguf
+from .gguf_text_encoder import LlamaCppTextModel
 from .safetensors import TensorFile, safetensors_files_in
 
 HIDDEN_LAYERS = (10, 20, 30)  # [dev], Mistral-Small-3.x
@@ -77,6 +79,7 @@ class TextEncoderCheckpoint:
     single_file: bool = False
     tokenizer_dir: str | None = None  # Hugging Face folders: where the tokenizer files are
     model_dir: str = ""  # Hugging Face folders: the folder holding config.json
+    gguf_tokenizer: bool = False  # a GGUF file carrying its vocabulary (tokenizer.ggml.*)
 
     @property
     def encoder_name(self) -> str:
@@ -85,8 +88,12 @@ class TextEncoderCheckpoint:
 
     @property
     def description(self) -> str:
-        q = "bf16/fp32" if self.quantization == "none" else "FP8"
-        kind = "ComfyUI single file" if self.single_file else "Hugging Face folder"
+        q = {"none": "bf16/fp32", "gguf": "GGUF"}.get(self.quantization, "FP8")
+        if self.quantization == "gguf":  # the mix of the tensors FLUX.2 reads, e.g. "Q4_K x120, Q6_K x31, F32 x61"
+            kept = [k for k in self.files.keys() if is_kept_key(k[len(self.prefix):], self.family)]
+            q = ", ".join(f"{name} x{n}" for name, (n, _) in self.files.type_mix(kept).items())
+        kind = ("GGUF file" if self.quantization == "gguf" else "ComfyUI single file") if self.single_file \
+            else "Hugging Face folder"
         c = self.config
         return (f"{FAMILY_NAME[self.family]} text encoder, {kind}, {q}, {c.num_hidden_layers} layers, "
                 f"width {c.hidden_size}")
@@ -104,6 +111,8 @@ def inspect_text_encoder(path: str | os.PathLike, *, tokenizer_given: bool = Fal
     pass a tokenizer folder, so that is said before anything else.
     """
     path = os.fspath(path)
+    if is_single_file(path) and is_gguf(path):
+        return inspect_gguf_text_encoder(path, tokenizer_given=tokenizer_given)
     if is_single_file(path):
         files = TensorFile.open(path)
         _, family = _detect(files)
@@ -159,21 +168,61 @@ def inspect_text_encoder_file(path: str | os.PathLike, files=None) -> TextEncode
             f"{files.name}: attention widths {q_out}/{k_out} are not multiples of head_dim {head_dim}; this is not "
             "Mistral-Small-3.x or Qwen3 as FLUX.2 uses them."
         )
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=shape("layers.0.mlp.gate_proj.weight")[0],
-                  num_hidden_layers=num_layers, num_attention_heads=q_out // head_dim,
-                  num_key_value_heads=k_out // head_dim, head_dim=head_dim, tie_word_embeddings=False,
-                  rope_parameters={"rope_type": "default", "rope_theta": float(values.pop("rope_theta"))}, **values)
-    if family == "qwen3":
-        from transformers import Qwen3Config
-
-        config = Qwen3Config(attention_bias=False, **common)
-    else:
-        from transformers import MistralConfig
-
-        config = MistralConfig(sliding_window=None, **common)
+    config = language_config(family, vocab_size=vocab, hidden_size=hidden,
+                             intermediate_size=shape("layers.0.mlp.gate_proj.weight")[0], num_hidden_layers=num_layers,
+                             num_attention_heads=q_out // head_dim, num_key_value_heads=k_out // head_dim,
+                             head_dim=head_dim, **values)
     quantization, layers = scan_quantization(files, prefix)
     return TextEncoderCheckpoint(files=files, family=family, prefix=prefix, config=config, layers=layers,
                                  quantization=quantization, source=path, single_file=True)
+
+
+def language_config(family: str, *, rope_theta: float, **values):
+    """The transformers config (MistralConfig / Qwen3Config) of a language model described by ``values``."""
+    common = dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+                  **values)
+    if family == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(attention_bias=False, **common)
+    from transformers import MistralConfig
+
+    return MistralConfig(sliding_window=None, **common)
+
+
+def inspect_gguf_text_encoder(path: str | os.PathLike, *, tokenizer_given: bool = False) -> TextEncoderCheckpoint:
+    """A llama.cpp GGUF of Mistral-Small-3.x ([dev]) or Qwen3 ([klein]), under Hugging Face names, from its header."""
+    path = os.fspath(path)
+    gguf_file = GGUFFile(path)
+    try:
+        files = LlamaCppTextModel(gguf_file)
+        family = files.family
+        if not tokenizer_given and not files.has_tokenizer:  # before shape checks: the fix is to pass a folder
+            raise missing_tokenizer_error(path, family, gguf=True)
+        values = files.config_values(_DEFAULTS[family])
+        needed = max(FAMILY_LAYERS[family])
+        if values["num_hidden_layers"] < needed:
+            raise Flux2KitError(
+                f"{files.name} holds {values['num_hidden_layers']} layers of a {FAMILY_NAME[family]} text encoder; "
+                f"{FAMILY_MODEL[family]} reads the hidden states after layers "
+                f"{', '.join(map(str, FAMILY_LAYERS[family]))}, so it needs at least {needed}. Use the full file."
+            )
+        files.check_supported([k for k in files.keys() if is_kept_key(k[len(COMFY_PREFIX):], family)
+                               and k.startswith(COMFY_PREFIX)])
+        config = language_config(family, **values)
+    except BaseException:
+        gguf_file.close()
+        raise
+    return TextEncoderCheckpoint(files=files, family=family, prefix=COMFY_PREFIX, config=config, quantization="gguf",
+                                 source=path, single_file=True, gguf_tokenizer=files.has_tokenizer)
+
+
+def is_kept_key(name: str, family: str) -> bool:
+    """Whether a tensor name (without prefix) belongs to the part of the encoder FLUX.2 runs."""
+    m = LAYER_KEY.match(name)
+    if m:
+        return int(m.group(1)) < max(FAMILY_LAYERS[family])
+    return name.startswith("embed_tokens.")
 
 
 def _detect(files) -> tuple[str, str]:
@@ -212,9 +261,18 @@ def _not_an_encoder_error(name: str, keys: list[str]) -> Flux2KitError:
     return Flux2KitError(f"{name} is {what}, not a FLUX.2 text encoder. {hint}")
 
 
-def missing_tokenizer_error(path: str, family: str) -> Flux2KitError:
+def missing_tokenizer_error(path: str, family: str, *, gguf: bool = False) -> Flux2KitError:
     """The error for a single file without a tokenizer and none given: what to pass."""
     name = os.path.basename(path)
+    if gguf:
+        folder = ("the tokenizer/ folder of a FLUX.2 [klein] repository or of Qwen3-4B (inside ComfyUI flux2kit uses "
+                  "ComfyUI's own qwen25_tokenizer)" if family == "qwen3" else
+                  "the tokenizer/ folder of the FLUX.2 [dev] repository (Mistral-Small-3.x)")
+        return Flux2KitError(
+            f"{name} is a GGUF {FAMILY_NAME[family]} text encoder ({FAMILY_MODEL[family]}) without its tokenizer: its "
+            f"metadata has no tokenizer.ggml.tokens (the vocabulary llama.cpp's converter writes). Pass a tokenizer "
+            f"folder (tokenizer=... / --tokenizer), e.g. {folder}, or download a GGUF that carries its vocabulary."
+        )
     if family == "qwen3":
         return Flux2KitError(
             f"{name} is a single file holding a Qwen3 text encoder ({FAMILY_MODEL['qwen3']}) and no tokenizer, as "

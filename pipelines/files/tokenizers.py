@@ -82,6 +82,9 @@ def tokenizer_for(ckpt: TextEncoderCheckpoint, folder=None):
     elif TEKKEN_KEY in ckpt.files:
         tok = tokenizer_from_tekken(ckpt.files.get(TEKKEN_KEY))
         where = f"the {TEKKEN_KEY} tensor of {ckpt.files.name}"
+    elif ckpt.gguf_tokenizer:
+        tok = tokenizer_from_gguf(ckpt.source, ckpt.family)
+        where = f"the tokenizer metadata of {ckpt.files.name}"
     else:
         raise missing_tokenizer_error(ckpt.source, ckpt.family)
     if ckpt.single_file and ckpt.family == "qwen3" and "enable_thinking" not in (tok.chat_template or ""):
@@ -147,6 +150,68 @@ def check_tokenizer_belongs(tok, family: str, rows: int, encoder: str, where: st
             "different models. Use the tokenizer that ships with this text encoder "
             f"({'its tekken_model' if family == 'mistral' else 'Qwen3 / ComfyUI qwen25_tokenizer'})."
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF vocabularies (tokenizer.ggml.* metadata)
+
+# What FLUX.2 pads with when a file names no padding token (the real tokenizers' own pad tokens).
+_FAMILY_PAD = {"mistral": "<pad>", "qwen3": "<|endoftext|>"}
+
+
+def tokenizer_from_gguf(path: str, family: str):
+    """A ``PreTrainedTokenizerFast`` from the vocabulary a llama.cpp GGUF carries in its metadata.
+
+    transformers' GGUF tokenizer code reads and converts it (``get_gguf_tokenizer`` reads the metadata;
+    ``add_gguf_special_tokens`` makes control tokens special; ``set_split_regex`` applies the split of
+    ``tokenizer.ggml.pre``: tekken for Mistral, qwen2 for Qwen3). Only its byte-level builder is not used
+    as is: it makes a ``GPT2Tokenizer`` with GPT-2's default ``<|endoftext|>`` tokens, which a Mistral
+    vocabulary lacks, so the tokenizer would gain an id past the embedding table. The chat template is
+    the family's own reduced one, as for the tekken file: converters write differing templates into
+    GGUFs (tool calls, default system prompts), while FLUX.2 renders one fixed conversation.
+    """
+    from tokenizers import processors
+    from transformers import GPT2Tokenizer, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    try:
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as gguf_tok
+    except ImportError:  # older transformers keep their GGUF tokenizer code elsewhere, under other names
+        import transformers
+
+        raise Flux2KitError(
+            f"Reading the vocabulary inside {os.path.basename(path)} needs transformers 5.24 or newer (installed: "
+            f"{transformers.__version__}). Upgrade it (pip install -U transformers), or pass a tokenizer folder "
+            f"(tokenizer=... / --tokenizer) of the {FAMILY_MODEL[family]} repository."
+        ) from None
+
+    try:
+        _, tokenizer_dict, tokenizer_config = gguf_tok.get_gguf_tokenizer(path)
+        if tokenizer_dict.get("tokenizer_type") != "gpt2":
+            raise ValueError(f"tokenizer.ggml.model is {tokenizer_dict.get('tokenizer_type')!r}, not a byte-level BPE")
+        spelling = bytes_to_unicode()
+        alphabet = set(spelling.values())
+        vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): index
+                 for index, token in enumerate(tokenizer_dict["tokens"])}  # as transformers' byte_level_tokenizer
+        base = GPT2Tokenizer(vocab=vocab, merges=gguf_tok.get_merges(tokenizer_dict), unk_token=None,
+                             bos_token=None, eos_token=None)
+        base = gguf_tok.set_split_regex(gguf_tok.add_gguf_special_tokens(base, tokenizer_dict), tokenizer_dict)
+    except (ValueError, KeyError, TypeError) as e:
+        raise Flux2KitError(
+            f"Cannot build the tokenizer {os.path.basename(path)} carries ({e}). Pass a tokenizer folder "
+            f"(tokenizer=... / --tokenizer) of the {FAMILY_MODEL[family]} repository instead."
+        ) from None
+    backend = base.backend_tokenizer
+    # Special tokens come from the chat template alone (FLUX.2 tokenizes the rendered chat), never added again.
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    named = {k: tokenizer_config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    if not named["pad_token"] and _FAMILY_PAD[family] in backend.get_vocab():
+        named["pad_token"] = _FAMILY_PAD[family]
+    template = QWEN3_CHAT_TEMPLATE if family == "qwen3" else MISTRAL_CHAT_TEMPLATE
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, padding_side="right", truncation_side="right", model_max_length=131072,
+        chat_template=template, **{k: v for k, v in named.items() if v},
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 from ..errors import Flux2KitError
 from ..parameters import KLEIN_MODES
 from .fp8 import LayerQuant, scan_quantization
+from .gguf import GGUFFile, open_weights
 from .safetensors import TensorFile, safetensors_files_in
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
@@ -52,7 +53,7 @@ class TransformerCheckpoint:
 
     files: TensorFile
     layout: str  # "bfl" | "diffusers"
-    quantization: str  # "none" | "comfy-fp8" | "comfy-scaled-fp8" | "bfl-fp8r" | "fp8-unscaled"
+    quantization: str  # "none" | "comfy-fp8" | "comfy-scaled-fp8" | "bfl-fp8r" | "fp8-unscaled" | "gguf"
     prefix: str
     config: dict
     variant: str  # "dev" | "klein-4b" | "klein-9b" | "custom"
@@ -70,7 +71,9 @@ class TransformerCheckpoint:
     @property
     def description(self) -> str:
         q = {"none": "bf16/fp32", "comfy-fp8": "ComfyUI FP8", "comfy-scaled-fp8": "ComfyUI scaled FP8 (legacy)",
-             "bfl-fp8r": "BFL FP8 (per-row scales)", "fp8-unscaled": "FP8 (unscaled)"}[self.quantization]
+             "bfl-fp8r": "BFL FP8 (per-row scales)", "fp8-unscaled": "FP8 (unscaled)", "gguf": "GGUF"}[self.quantization]
+        if self.quantization == "gguf":  # the file's type mix, e.g. "GGUF Q4_K x412, Q6_K x40, BF16 x10, F32 x320"
+            q += " " + ", ".join(f"{name} x{n}" for name, (n, _) in self.files.type_mix().items())
         c = self.config
         name = self.variant if self.variant != "custom" else f"custom, {self.family}-like"
         return (f"FLUX.2 [{name}] transformer, {self.layout} layout, {q}, "
@@ -85,14 +88,16 @@ class TransformerCheckpoint:
 def _foreign_model_error(name: str, keys: list[str]) -> Flux2KitError:
     joined = "\n".join(keys[:4000])
     hint = "Put a FLUX.2 transformer here (e.g. flux2_dev_fp8mixed.safetensors in models/diffusion_models)."
-    if "img_mod.lin.weight" in joined or "vector_in.in_layer" in joined or "x_embedder.proj" in joined:
+    if "joint_blocks." in joined:  # before FLUX.1: SD3 shares its x_embedder.proj name
+        what = "a Stable Diffusion 3 checkpoint"
+    elif "img_mod.lin.weight" in joined or "vector_in.in_layer" in joined or "x_embedder.proj" in joined:
         what = "a FLUX.1 checkpoint"
     elif "input_blocks." in joined or "conditioner.embedders" in joined or "down_blocks.0.attentions" in joined:
         what = "a Stable Diffusion / SDXL checkpoint"
     elif "decoder.conv_in" in joined or "decoder.up" in joined or "encoder.down" in joined:
         what = "a VAE"
         hint = "Load it with the VAE loader; the transformer slot needs a FLUX.2 diffusion model."
-    elif "embed_tokens" in joined or ".self_attn.q_proj" in joined:
+    elif "embed_tokens" in joined or ".self_attn.q_proj" in joined or "token_embd.weight" in joined or ".attn_q." in joined:
         what = "a text encoder"
         hint = "Load it with the text encoder loader; the transformer slot needs a FLUX.2 diffusion model."
     else:
@@ -275,6 +280,19 @@ def _diffusers_folder_files(path: str) -> tuple[list[str], dict]:
     return safetensors_files_in(folder, "diffusion_pytorch_model"), cfg
 
 
+def _detect_layout(files, path: str) -> tuple[str, str, dict]:
+    """``(layout, prefix, config)`` from the tensor names and shapes (a GGUF's "flux" architecture field is
+    written for FLUX.1 and FLUX.2 alike, so it is never read)."""
+    keys = files.keys()
+    prefix = _find_prefix(keys, _BFL_ANCHOR)
+    if prefix is not None:
+        return "bfl", prefix, _config_from_shapes(files, prefix, "bfl")
+    prefix = _find_prefix(keys, _DIFFUSERS_ANCHOR)
+    if prefix is None:
+        raise _foreign_model_error(os.path.basename(path.rstrip("/")), keys)
+    return "diffusers", prefix, _config_from_shapes(files, prefix, "diffusers")
+
+
 def inspect_transformer(path: str | os.PathLike) -> TransformerCheckpoint:
     """Identify a FLUX.2 transformer checkpoint (file or diffusers folder) from its header alone."""
     path = os.fspath(path)
@@ -284,19 +302,17 @@ def inspect_transformer(path: str | os.PathLike) -> TransformerCheckpoint:
         paths, _ = _diffusers_folder_files(path)
         files = TensorFile.open(paths)
     else:
-        files = TensorFile.open(path)
-    keys = files.keys()
-
-    prefix = _find_prefix(keys, _BFL_ANCHOR)
-    if prefix is not None:
-        layout, config = "bfl", _config_from_shapes(files, prefix, "bfl")
-    else:
-        prefix = _find_prefix(keys, _DIFFUSERS_ANCHOR)
-        if prefix is None:
-            raise _foreign_model_error(os.path.basename(path.rstrip("/")), keys)
-        layout, config = "diffusers", _config_from_shapes(files, prefix, "diffusers")
-
-    quantization, layers = scan_quantization(files, prefix)
+        files = open_weights(path)  # safetensors, or GGUF (told apart by the file's first bytes)
+    try:
+        layout, prefix, config = _detect_layout(files, path)
+        if isinstance(files, GGUFFile):
+            files.check_supported()
+            quantization, layers = "gguf", {}
+        else:
+            quantization, layers = scan_quantization(files, prefix)
+    except BaseException:
+        files.close()
+        raise
     variant = detect_variant(config)
     distilled, distilled_from = read_distilled(path, files) if not config["guidance_embeds"] else (None, "")
     return TransformerCheckpoint(files=files, layout=layout, quantization=quantization, prefix=prefix,

@@ -5,7 +5,8 @@ only the embedding and the first 30 of its 40 layers. Prompt upsampling (diffuse
 ``Flux2Pipeline.upsample_prompt``, BFL's ``Mistral3SmallEmbedder.upsample_prompt``) makes the same
 model *write* text: that needs all 40 layers, the final norm, the LM head (hidden states -> words)
 and, to look at reference images, the Pixtral vision tower and its projector. This module loads
-them from the same files (Hugging Face folders, bf16 or FP8; single files where they hold the head)
+them from the same files (Hugging Face folders, bf16 or FP8; single files where they hold the head;
+llama.cpp GGUFs of the whole model, text only, their layers and head kept packed as ``GGUFLinear``)
 and gives an encoder that encodes exactly like the trimmed one (its FLUX.2 view shares the very
 same embedding and first 30 layers) and can generate.
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..errors import Flux2KitError, forget_locals
 from ..files.fp8 import read_fp8_layer
+from ..files.gguf import packed_layers
 from ..files.quantize import quantized_text_encoder_checkpoint
 from ..files.text_encoder_checkpoint import (
     FAMILY_LAYERS,
@@ -36,6 +38,7 @@ from ..files.text_encoder_checkpoint import (
 from ..files.tokenizers import tokenizer_for
 from ..prompting.pixtral_inputs import PixtralInputs
 from .fp8_linear import WEIGHT_MODES, FP8Linear
+from .gguf_linear import gguf_module_for
 from .meta import assign, missing_tensors, set_module
 from .text_encoder import Flux2TextEncoder, build_text_model, resolve_dtype
 
@@ -272,6 +275,11 @@ def _load_head(generator, files, key: str, *, device, dtype, weights: str) -> No
     if tuple(files.info(key).shape) != expected:
         raise Flux2KitError(f"{key} in {files.name} has shape {list(files.info(key).shape)}, not {list(expected)}: the "
                             "LM head belongs to another model (or the file is damaged).")
+    ggml_type = packed_layers(files).get(layer)
+    if ggml_type is not None and weights == "as_stored":  # a GGUF's quantized head stays packed, like its layers
+        set_module(generator, "lm_head", gguf_module_for(generator.lm_head, ggml_type, compute_dtype=dtype))
+        assign(generator, "lm_head.weight", files.packed(key).to(device))
+        return
     if q is None:
         assign(generator, "lm_head.weight", files.get(key).to(device=device, dtype=dtype))
         return

@@ -27,6 +27,7 @@ from torch import nn
 from ..devices import default_dtype
 from ..errors import Flux2KitError, UnsupportedFormatError, forget_locals
 from ..files.fp8 import read_fp8_layer
+from ..files.gguf import packed_layers
 from ..files.quantize import quantized_text_encoder_checkpoint
 from ..files.text_encoder_checkpoint import (
     FAMILY_LAYERS,
@@ -39,6 +40,7 @@ from ..files.text_encoder_checkpoint import (
 from ..files.tokenizers import tokenizer_for
 from ..parameters import MAX_TEXT_TOKENS
 from .fp8_linear import WEIGHT_MODES, FP8Linear
+from .gguf_linear import gguf_module_for
 from .meta import assign, missing_tensors, set_module
 
 logger = logging.getLogger("flux2kit")
@@ -308,8 +310,9 @@ def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str
                      whole: bool = False) -> nn.Module:
     """The language model trimmed to the layers FLUX.2 reads, built on meta and streamed from ``ckpt.files``.
 
-    FP8 layers become FP8Linear (``weights="as_stored"``) or are dequantized to ``dtype``. ``whole``: every
-    layer of the checkpoint and the final norm (the language model prompt upsampling generates with).
+    FP8 layers become FP8Linear and packed GGUF weights GGUFLinear / GGUFEmbedding (``weights="as_stored"``),
+    or are dequantized to ``dtype``. ``whole``: every layer of the checkpoint and the final norm (the language
+    model prompt upsampling generates with).
     """
     if ckpt.family == "qwen3":
         from transformers import Qwen3Model as TextModel
@@ -335,6 +338,7 @@ def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str
             set_module(model, layer, FP8Linear(
                 linear.in_features, linear.out_features, bias=linear.bias is not None, weight_dtype=q.dtype,
                 per_row=q.per_row, has_input_scale=q.has_input_scale, compute_dtype=dtype, device="meta"))
+    gguf_layers = _swap_in_gguf_layers(model, ckpt, num_layers, dtype) if weights == "as_stored" else {}
 
     files, prefix, name = ckpt.files, ckpt.prefix, ckpt.files.name
     unknown = []
@@ -358,6 +362,9 @@ def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str
                 assign(model, f"{layer}.weight_scale", scale.to(device))
                 if q.has_input_scale:
                     assign(model, f"{layer}.input_scale", files.get(f"{prefix}{layer}.input_scale").float().reshape(()).to(device))
+            continue
+        if layer in gguf_layers and param == "weight":
+            _assign_packed(model, layer, files, key, device)
             continue
         try:
             expected = model.get_submodule(layer)._parameters[param]
@@ -386,6 +393,36 @@ def build_text_model(ckpt: TextEncoderCheckpoint, *, device, dtype, weights: str
             "(missing shards?): download it again."
         )
     return model.eval().requires_grad_(False)
+
+
+def _swap_in_gguf_layers(model, ckpt: TextEncoderCheckpoint, num_layers: int, dtype) -> dict:
+    """Packed GGUF weights of the kept layers become GGUFLinear / GGUFEmbedding modules; returns them by layer."""
+    swapped = {}
+    for layer, ggml_type in packed_layers(ckpt.files, ckpt.prefix).items():
+        if not _kept(layer, num_layers):
+            continue
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            continue  # no such layer: the tensor loop below reports it
+        twin = gguf_module_for(module, ggml_type, compute_dtype=dtype)
+        if twin is not None:
+            set_module(model, layer, twin)
+            swapped[layer] = twin
+    return swapped
+
+
+def _assign_packed(model, layer: str, files, key: str, device) -> None:
+    module = model.get_submodule(layer)
+    rows = getattr(module, "out_features", getattr(module, "num_embeddings", None))
+    cols = getattr(module, "in_features", getattr(module, "embedding_dim", None))
+    shape = tuple(files.info(key).shape)
+    if shape != (rows, cols):
+        raise Flux2KitError(
+            f"{key} in {files.name} has shape {list(shape)} but the model's config implies {[rows, cols]}: the "
+            "weights and the config belong to different models (or the file is damaged)."
+        )
+    assign(model, f"{layer}.weight", files.packed(key).to(device))
 
 
 def _kept(layer: str, num_layers: int) -> bool:

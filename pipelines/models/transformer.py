@@ -21,6 +21,7 @@ from ..devices import default_device, default_dtype
 from ..errors import Flux2KitError, forget_locals
 from ..parameters import KLEIN_MODES
 from ..files.fp8 import read_fp8_layer
+from ..files.gguf import packed_layers
 from ..files.quantize import quantized_transformer_checkpoint
 from ..files.transformer_checkpoint import (
     Target,
@@ -33,6 +34,7 @@ from ..files.transformer_checkpoint import (
     resolve_reference_kv,
 )
 from .fp8_linear import WEIGHT_MODES, FP8Linear
+from .gguf_linear import gguf_module_for
 from .meta import assign, missing_tensors, set_module
 from .offload import BlockOffload
 
@@ -187,13 +189,31 @@ def _quantized_targets(ckpt: TransformerCheckpoint, groups) -> dict[str, tuple]:
     return out
 
 
-def _load_weights(model, ckpt: TransformerCheckpoint, *, dtype, weights: str, place) -> None:
+def _swap_in_gguf_layers(model, ckpt: TransformerCheckpoint, groups, *, dtype) -> set[str]:
+    """GGUF weights stored packed become GGUFLinear modules; returns their source layer names."""
+    swapped = set()
+    for layer, ggml_type in packed_layers(ckpt.files, ckpt.prefix).items():
+        if "weight" not in groups.get(layer, {}):
+            continue
+        targets = _targets(ckpt, f"{layer}.weight")
+        twins = [(t.module, gguf_module_for(model.get_submodule(t.module), ggml_type, compute_dtype=dtype))
+                 for t in targets]
+        if targets and all(twin is not None for _, twin in twins):
+            for module_path, twin in twins:
+                set_module(model, module_path, twin)
+            swapped.add(layer)
+    return swapped
+
+
+def _load_weights(model, ckpt: TransformerCheckpoint, *, dtype, weights: str, place, packed=frozenset()) -> None:
     groups = _layer_groups(ckpt)
     unknown: list[str] = []
     for layer, params in groups.items():
         q = ckpt.layers.get(layer)
         side = ("comfy_quant", "weight", "weight_scale", "scale_weight", "scale_input", "input_scale") if q else ("comfy_quant",)
-        tensors = {p: ckpt.files.get(k) for p, k in params.items() if p not in side}
+        # GGUF layers kept packed read the file's bytes (views of its memory map), not floats.
+        read = lambda p, k: ckpt.files.packed(k) if p == "weight" and layer in packed else ckpt.files.get(k)  # noqa: E731
+        tensors = {p: read(p, k) for p, k in params.items() if p not in side}
         if q is not None:
             w, scale = read_fp8_layer(ckpt.files, ckpt.prefix + layer, q)
             if weights == "dequantize":
@@ -209,7 +229,7 @@ def _load_weights(model, ckpt: TransformerCheckpoint, *, dtype, weights: str, pl
                 continue
             for t in targets:
                 part = apply_op(value, t.op)
-                if part.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) and t.param not in (
+                if part.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8) and t.param not in (
                         "weight_scale", "input_scale"):
                     part = part.to(dtype)
                 try:
@@ -237,9 +257,10 @@ def load_transformer(
     offload_blocks: bool = False,
     klein_mode: str = "auto",
 ) -> Flux2Transformer:
-    """Load a FLUX.2 transformer (BFL / ComfyUI / diffusers layout, bf16 or FP8).
+    """Load a FLUX.2 transformer (BFL / ComfyUI / diffusers layout, bf16 or FP8, or a GGUF file).
 
-    ``weights="as_stored"`` keeps FP8 layers FP8 in memory; ``"dequantize"`` expands them to ``dtype``.
+    ``weights="as_stored"`` keeps FP8 layers FP8 and GGUF weights packed in memory (dequantized per call
+    into ``dtype``: fp32, bf16 or fp16); ``"dequantize"`` expands them to ``dtype`` at load.
     ``offload_blocks`` keeps the transformer blocks on the CPU and moves each to ``device`` only while
     it runs (the 32B model on a 24 GB card). ``klein_mode`` ("auto", "distilled", "base", "kv") says which
     [klein] model a file holds when the file itself does not ("auto" then raises); [dev] ignores it.
@@ -270,13 +291,14 @@ def load_transformer(
                 set_module(model, module_path, FP8Linear(
                     cols, rows, bias=False, weight_dtype=q.dtype, per_row=q.per_row,
                     has_input_scale=q.has_input_scale, compute_dtype=dtype, device="meta"))
+        packed = _swap_in_gguf_layers(model, ckpt, groups, dtype=dtype) if weights == "as_stored" else set()
         storage = torch.device("cpu")
 
         def place(module_path: str, t: torch.Tensor) -> torch.Tensor:
             in_blocks = module_path.startswith(("transformer_blocks.", "single_transformer_blocks."))
             return t.to(storage if (offload_blocks and in_blocks) else device)
 
-        _load_weights(model, ckpt, dtype=dtype, weights=weights, place=place)
+        _load_weights(model, ckpt, dtype=dtype, weights=weights, place=place, packed=packed)
         model.eval().requires_grad_(False)
         offload = None
         if offload_blocks:

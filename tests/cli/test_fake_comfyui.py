@@ -160,3 +160,24 @@ def test_the_real_comfyui_harness_talks_through_the_one_client(fake_comfyui, tmp
         harness.view({"filename": "missing.png", "subfolder": "", "type": "output"})
     assert e.value.status == 404
     assert harness.post_json("/interrupt", {}) == {}
+
+
+def test_the_real_comfyui_harness_names_the_requirements_comfyuis_python_lacks(monkeypatch, tmp_path):
+    """Before starting ComfyUI the harness asks its Python (here this one) which of flux2kit's requirements it
+    lacks: gguf and accelerate, for GGUF files, are easy to miss in an existing ComfyUI venv."""
+    import sys
+
+    from flux2kit.testing import real_comfyui
+
+    wanted = real_comfyui.requirements()
+    assert wanted["gguf"] == "gguf>=0.19" and wanted["accelerate"] == "accelerate>=0.26" and "torch" not in wanted
+    assert real_comfyui.missing_requirements(sys.executable) == []
+    real_comfyui.check_requirements(sys.executable)  # this venv has them all
+    monkeypatch.setattr(real_comfyui, "requirements",
+                        lambda: {**wanted, "flux2kit-no-such-package": "flux2kit-no-such-package>=1"})
+    (tmp_path / "main.py").write_text("")  # a ComfyUI checkout as far as the harness looks before starting it
+    with pytest.raises(real_comfyui.MissingRequirements) as e:
+        real_comfyui.comfyui_server(tmp_path, comfyui=tmp_path, python=sys.executable).__enter__()
+    assert f"{sys.executable} -m pip install 'flux2kit-no-such-package>=1'" in str(e.value)
+    assert "lacks flux2kit's requirements flux2kit-no-such-package>=1 " in str(e.value)
+    assert not (tmp_path / "models").exists()  # refused before building anything

@@ -20,7 +20,8 @@ API = os.path.join(REPO, "workflows", "api")
 STEMS = sorted(os.path.splitext(f)[0] for f in os.listdir(API) if f.endswith(".json"))
 DEMO = {"Flux2KitTransformerLoader": ("model_name", "flux2_dev_tiny_fp8mixed.safetensors"),
         "Flux2KitTextEncoderLoader": ("text_encoder_name", "mistral_3_small_tiny/"),
-        "Flux2KitVAELoader": ("vae_name", "flux2-vae-tiny.safetensors")}
+        "Flux2KitVAELoader": ("vae_name", "flux2-vae-tiny.safetensors"),
+        "Flux2KitLoraLoader": ("lora_name", "flux2_dev_tiny_lora.safetensors")}
 
 # (workflow, node, input, bad value or MISSING, the problem both checks must report)
 MISSING = object()

@@ -47,8 +47,10 @@ def test_generate_and_sampler_share_the_parameter_inputs(nodes):
 
 def test_loaders_list_and_load_the_demo_models(nodes, models):
     t, te, vae = models
-    assert nodes["Flux2KitTransformerLoader"].define_schema().inputs[0].options == ["flux2_dev_tiny_fp8mixed.safetensors"]
-    assert nodes["Flux2KitTextEncoderLoader"].define_schema().inputs[0].options == ["mistral_3_small_tiny/"]
+    assert nodes["Flux2KitTransformerLoader"].define_schema().inputs[0].options == [
+        "flux2_dev_tiny_fp8mixed.safetensors", "flux2_dev_tiny_q8_0.gguf"]  # GGUF twins: tests/nodes/test_gguf_nodes.py
+    assert nodes["Flux2KitTextEncoderLoader"].define_schema().inputs[0].options == [
+        "mistral_3_small_tiny/", "mistral_3_small_tiny_q8_0.gguf"]
     assert t.quantization == "comfy-fp8" and te.embed_dim == t.text_width and vae.scale_factor == 16
 
 

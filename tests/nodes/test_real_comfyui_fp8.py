@@ -147,8 +147,10 @@ def test_save_fp8_node_in_comfyui_then_core_loader_and_model_save(comfyui, bf16_
     src = comfyui.models / "diffusion_models" / name
     shutil.copy(bf16_transformer, src)
     out_name = "flux2kit_test_tiny_fp8mixed.safetensors"
-    # the first diffusion_models folder ComfyUI knows: models/unet (its legacy name) in a stock checkout
-    candidates = [comfyui.comfyui / "models" / sub / out_name for sub in ("unet", "diffusion_models")]
+    # the first diffusion_models folder ComfyUI knows: models/unet (its legacy name) under the server's base
+    # directory (the harness's own, --base-directory) or, in older harness layouts, the checkout
+    candidates = [base / "models" / sub / out_name for base in (comfyui.root, comfyui.comfyui)
+                  for sub in ("unet", "diffusion_models")]
     candidates.append(comfyui.models / "diffusion_models" / out_name)
     try:
         run = comfyui.run({"1": {"class_type": "Flux2KitSaveFP8",

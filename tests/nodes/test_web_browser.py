@@ -260,7 +260,7 @@ def test_a_missing_text_encoder_folder_is_flagged_before_a_run(page, comfyui, tm
     text = notice["text"]
     assert "The text encoder folder 'FLUX.2-dev/' is missing. Put it in" in text
     assert f"{comfyui.models / 'text_encoders' / 'FLUX.2-dev'}/ holds config.json, the tokenizer files" in text
-    assert view["saved"] == ["FLUX.2-dev/", "fp8 as stored"]  # the notice is not a saved widget
+    assert view["saved"] == ["FLUX.2-dev/", "fp8 as stored", "FLUX.2 layers (encode only)"]  # the notice is not a saved widget
     shot(page, tmp_path, "missing_text_encoder")
     # the demo text encoder is there: no notice
     load(page, "generate_text_to_image.json", **{"2": {"text_encoder_name": comfyui.model_names["text_encoder"]}})

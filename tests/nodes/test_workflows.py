@@ -15,7 +15,7 @@ STEMS = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 WIDGET_TYPES = {"COMBO", "INT", "FLOAT", "STRING", "BOOLEAN", "COMFY_DYNAMICCOMBO_V3", "COLOR"}  # a DynamicCombo is a widget too
 LOADER_MODEL_INPUTS = {("Flux2KitTransformerLoader", "model_name"), ("Flux2KitTextEncoderLoader", "text_encoder_name"),
-                       ("Flux2KitVAELoader", "vae_name"), ("LoadImage", "image")}
+                       ("Flux2KitVAELoader", "vae_name"), ("Flux2KitLoraLoader", "lora_name"), ("LoadImage", "image")}
 
 
 def load(path):
@@ -60,8 +60,9 @@ def control_widgets(cls):
 
 
 def test_every_workflow_has_a_twin():
-    assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit", "image_to_image",
-                     "inpaint", "json_prompt_palette", "multi_reference_cached", "outpaint", "prompt_upsample_reference",
+    assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit",
+                     "gguf_text_to_image", "image_to_image", "inpaint", "json_prompt_palette", "lora_text_to_image",
+                     "multi_reference_cached", "outpaint", "prompt_upsample_reference",
                      "text_to_image", "three_reference_edit"]
     assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
 
@@ -112,12 +113,14 @@ def check_api_workflow(wf, schemas):
     assert sorted(needed_nodes(wf, outputs)) == sorted(wf)  # every node contributes to an output
 
 
-def check_ui_widget_order(ui, api, object_info):
+def check_ui_widget_order(ui, api, object_info, *, complete=False):
     """A UI file's ``widgets_values`` are positional: walked in the schemas' widget order (as ui_to_api reads
     them: a DynamicCombo's chosen option's widgets right after it, a seed's "control after generate" value, an
     upload button after an image combo), each value must be the API twin's value of that input, and none may
     be left over. Optional widgets a file predates may be missing at the end (the frontend gives them their
-    default), and then the API twin leaves them out too."""
+    default), and then the API twin leaves them out too. ``complete``: the shipped workflows save every widget
+    (a widget added later grows the node in the browser, over whatever sits below it, so the file must be
+    laid out again with it)."""
     from flux2kit.cli.workflow.schema import (CONTROL_VALUES, DYNAMIC_COMBO, WIDGET_TYPES, input_specs, is_image_input,
                                               spec_options, spec_type)
 
@@ -134,6 +137,7 @@ def check_ui_widget_order(ui, api, object_info):
             if i == len(values):  # the file ends here: what is left must be optional widgets, unset in the twin
                 missing = {name: required, **{other: r for other, _, r in specs}}
                 assert not any(missing.values()), f"{where}: widgets_values ends before required widgets: {missing}"
+                assert not complete, f"{where}: a shipped workflow saves every widget; missing {list(missing)}"
                 assert not set(missing) & set(api[nid]["inputs"]), f"{where}: the API twin sets {missing}"
                 break
             value, i = values[i], i + 1
@@ -194,7 +198,7 @@ def test_workflow_files_fit_the_node_schemas(stem, schemas, object_info):
         # a socket of several types ("A,B", ComfyUI's MultiType) takes any of them, as ComfyUI validates links
         assert out == link_type and out in into.split(","), (
             f"link {link_id}: #{src} output {src_slot} ({out}) -> #{dst}.{name} ({into})")
-    check_ui_widget_order(ui, api, object_info)
+    check_ui_widget_order(ui, api, object_info, complete=True)
     assert ui_to_api(ui, object_info) == api  # the project's converter reads the same order
 
 
@@ -247,9 +251,9 @@ def test_ui_workflow_is_valid_0_4(stem, schemas):
     for m in names.values():
         assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
         assert m["directory"] in ("diffusion_models", "vae", "text_encoders")
-    file_loaders = ("Flux2KitTransformerLoader", "Flux2KitVAELoader", "Flux2KitTextEncoderLoader")
+    file_loaders = ("Flux2KitTransformerLoader", "Flux2KitTextEncoderLoader", "Flux2KitVAELoader")
     loader_files = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in file_loaders
-                    and n["widgets_values"][0].endswith(".safetensors")]  # folders have no single download
+                    and not n["widgets_values"][0].endswith("/")]  # a folder is not one download
     assert sorted(loader_files) == sorted(names)
 
 
@@ -331,7 +335,12 @@ def test_defaults_show_flux2(stem):
     else:
         assert not refs and s["aspect_ratio"] == "1:1"
     model_names = {n["class_type"]: list(n["inputs"].values())[0] for n in api.values()
-                   if n["class_type"].endswith("Loader")}
+                   if n["class_type"].endswith("Loader") and n["class_type"] != "Flux2KitLoraLoader"}
+    if stem.startswith("gguf_"):  # a GGUF transformer and text encoder, the files low-memory setups download
+        assert model_names == {"Flux2KitTransformerLoader": "flux2-dev-Q4_K_S.gguf",
+                               "Flux2KitTextEncoderLoader": "Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf",
+                               "Flux2KitVAELoader": "flux2-vae.safetensors"}
+        return
     assert model_names == (KLEIN_KV_FILES if kv else DEV_FILES)
     if kv:
         loader = next(n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitTransformerLoader")
