@@ -30,6 +30,8 @@ from diffusers.models.transformers.transformer_flux2 import (
     Flux2ParallelSelfAttnProcessor,
 )
 
+from .lora import LoraTransformer
+
 REF_ATTENTION = ("self", "full")
 
 
@@ -142,19 +144,27 @@ def bytes_per_token(model, dtype: torch.dtype) -> int:
     return 2 * width * blocks * torch.empty((), dtype=dtype).element_size()
 
 
+def running(transformer):
+    """What a transformer's own call runs in: a LoRA stack's hooks or merged weights (nothing for a plain one).
+    The calls below go to the diffusers model directly, for the KV arguments the wrapper's call does not take."""
+    return transformer.active() if isinstance(transformer, LoraTransformer) else contextlib.nullcontext()
+
+
 def forward_extract(transformer, x, img_ids, text, text_ids, sigma, guidance, refs, ref_ids, *, ref_attention: str,
                     shared_refs: bool):
     """Velocity for ``x`` with the references prepended (modulated at timestep 0), and their K/V cache."""
-    out, cache = transformer.model(
-        hidden_states=torch.cat([refs, x], dim=1), encoder_hidden_states=text, timestep=sigma,
-        img_ids=torch.cat([ref_ids, img_ids], dim=1), txt_ids=text_ids, guidance=guidance, return_dict=False,
-        kv_cache_mode="extract", num_ref_tokens=refs.shape[1],
-        joint_attention_kwargs={"ref_attention": ref_attention, "shared_refs": shared_refs})
+    with running(transformer):
+        out, cache = transformer.model(
+            hidden_states=torch.cat([refs, x], dim=1), encoder_hidden_states=text, timestep=sigma,
+            img_ids=torch.cat([ref_ids, img_ids], dim=1), txt_ids=text_ids, guidance=guidance, return_dict=False,
+            kv_cache_mode="extract", num_ref_tokens=refs.shape[1],
+            joint_attention_kwargs={"ref_attention": ref_attention, "shared_refs": shared_refs})
     return out, cache
 
 
 def forward_cached(transformer, x, img_ids, text, text_ids, sigma, guidance, cache: Flux2KVCache):
     """Velocity for ``x`` with the references' cached K/V instead of their tokens."""
-    return transformer.model(
-        hidden_states=x, encoder_hidden_states=text, timestep=sigma, img_ids=img_ids, txt_ids=text_ids,
-        guidance=guidance, return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0]
+    with running(transformer):
+        return transformer.model(
+            hidden_states=x, encoder_hidden_states=text, timestep=sigma, img_ids=img_ids, txt_ids=text_ids,
+            guidance=guidance, return_dict=False, kv_cache=cache, kv_cache_mode="cached")[0]

@@ -157,6 +157,33 @@ def test_the_cache_key_holds_what_changes_the_cache(kv_parts, monkeypatch):
     assert not kv.caches
 
 
+def test_loras_act_on_the_cached_references_and_key_the_kept_cache(kv_parts, tmp_path):
+    """A LoRA'd KV model (FLUX.2 Load LoRA's variant of the shared base): the cached path runs the LoRA like the
+    uncached one, and each stack (file, strength) keeps its own K/V, never the base's or another strength's."""
+    from flux2kit.pipelines.demo_models.lora import random_lora, save_lora
+    from flux2kit.pipelines.files.lora_formats import read_lora
+    from flux2kit.pipelines.models.lora import LoraEntry, apply_loras
+
+    kv = kv_parts["kv"]
+    kv.caches.clear()
+    lora = read_lora(save_lora(random_lora(dict(kv.model.config), rank=4, seed=5, std=0.1),
+                               str(tmp_path / "kv_lora.safetensors")))
+    plain = ours(kv_parts, kv, PROMPT, seed=4, steps=2)  # the base's K/V, kept
+    for strength in (1.0, 0.5):
+        variant, notes = apply_loras(kv, [LoraEntry(lora, strength)]), []
+        cached = ours(kv_parts, variant, PROMPT, seed=4, steps=2, notes=notes)
+        assert any("computed at the first step" in n for n in notes), (strength, notes)  # not the base's, nor 1.0's
+        uncached = ours(kv_parts, variant, PROMPT, seed=4, steps=2, mode="off")
+        diff, effect = (cached - uncached).abs().max().item(), (cached - plain).abs().max().item()
+        print(f"LoRA at {strength}: cached vs uncached {diff:.2e}; the LoRA's own effect {effect:.2e}")
+        assert diff < TOLERANCE and effect > 100 * max(diff, 1e-7)
+        again = []
+        reused = ours(kv_parts, variant, PROMPT, seed=4, steps=2, notes=again)  # no step sees the references
+        assert (reused - uncached).abs().max().item() < TOLERANCE
+        assert any("reused from an earlier run" in n for n in again), again
+    assert len(kv.caches["reference_kv"]) == 2  # at most two kept per base model
+
+
 def test_equal_references_reuse_the_cache_whatever_object_carries_them(kv_parts):
     from flux2kit.pipelines.generation.reference_cache import references_digest
 
