@@ -77,11 +77,58 @@ def test_reference_that_is_not_an_image(parts):
         _run(parts, images=[torch.zeros(64, 64, 7)])
 
 
-def test_grayscale_and_rgba_references_are_converted(parts):
-    gray = PIL.Image.new("L", (64, 64), 128)
-    rgba = PIL.Image.new("RGBA", (64, 80), (255, 0, 0, 0))
-    out = _run(parts, images=[gray, rgba, torch.rand(1, 64, 64, 1)])
+def _grey_and_rgba_references():
+    """(references as given, the same references as RGB pictures) for the conversion check."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    colour = rng.integers(0, 256, (80, 64, 3), dtype=np.uint8)
+    alpha = np.where(rng.random((80, 64)) < 0.5, 0, 255).astype(np.uint8)  # see-through or opaque
+    composited = np.where(alpha[..., None] == 255, colour, 255).astype(np.uint8)  # onto white
+    one_channel = torch.rand(1, 64, 64, 1, generator=torch.Generator().manual_seed(0))
+    given = [PIL.Image.fromarray(grey, "L"), PIL.Image.fromarray(np.dstack([colour, alpha]), "RGBA"), one_channel]
+    as_rgb = [PIL.Image.fromarray(np.dstack([grey] * 3)), PIL.Image.fromarray(composited), one_channel.expand(-1, -1, -1, 3)]
+    return given, as_rgb
+
+
+def check_grey_and_rgba_references(parts):
+    """Grey stays grey (each channel the grey level), RGBA is composited onto white (docs/parameters.md,
+    "References"), and a whole run with them equals the run with those RGB pictures."""
+    from flux2kit.pipelines.generation.references import prepare_reference
+
+    given, as_rgb = _grey_and_rgba_references()
+    for i, (a, b) in enumerate(zip(given, as_rgb)):
+        assert torch.equal(prepare_reference(a), prepare_reference(b)), f"reference {i + 1}"
+    # a part-transparent pixel: alpha * colour + (1 - alpha) * white, to PIL's rounding
+    half = np.full((64, 64, 4), (200, 40, 0, 64), dtype=np.uint8)
+    expected = (np.array([200, 40, 0]) * 64 + 255 * (255 - 64)) / 255
+    got = (prepare_reference(PIL.Image.fromarray(half, "RGBA"))[0, :, 0, 0] + 1) / 2 * 255
+    assert np.abs(got.numpy() - expected).max() <= 1.0, (got, expected)
+    out = _run(parts, images=given)
     assert out.shape == (1, 64, 64, 3)
+    assert torch.equal(out, _run(parts, images=as_rgb))
+
+
+def test_grayscale_and_rgba_references_are_converted(parts):
+    check_grey_and_rgba_references(parts)
+
+
+def test_grey_check_catches_grey_read_as_red(parts, monkeypatch):
+    """Mutation: grey L mapped to (L, 0, 0). Every shape stays right (what this test used to check)."""
+    from flux2kit.pipelines.generation import references
+
+    original = references.to_rgb
+
+    def grey_as_red(image):
+        if image.mode == "L":
+            zero = PIL.Image.new("L", image.size, 0)
+            return PIL.Image.merge("RGB", (image, zero, zero))
+        return original(image)
+
+    monkeypatch.setattr(references, "to_rgb", grey_as_red)
+    given, _ = _grey_and_rgba_references()
+    assert _run(parts, images=given).shape == (1, 64, 64, 3)
+    with pytest.raises(AssertionError, match="reference 1"):
+        check_grey_and_rgba_references(parts)
 
 
 def test_transparent_pixels_become_white():
