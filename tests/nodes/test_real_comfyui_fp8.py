@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import textwrap
 
@@ -25,11 +26,16 @@ pytestmark = [
                        reason="set COMFYUI_PATH to a ComfyUI checkout to run the real-ComfyUI tests"),
 ]
 
+# ComfyUI's lines about keys no layer took: "unet unexpected: [...]" (comfy/model_base.py), "clip unexpected"
+UNEXPECTED = re.compile(r"\b(unet|clip|model) unexpected\b|\bunexpected keys?\b", re.IGNORECASE)
+
 # fp32 compute on both sides (ComfyUI's CPU manual cast is fp32); only summation order differs.
 TOLERANCE = 1e-4
 
 PROBE = textwrap.dedent('''
-    import json, os, sys
+    import json, logging, os, sys
+    # ComfyUI reports keys it could not place ("unet unexpected: [...]") with logging.warning only: to stderr
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     comfy_root, task, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     sys.argv = [sys.argv[0], "--cpu"]
     sys.path.insert(0, comfy_root)
@@ -58,7 +64,8 @@ PROBE = textwrap.dedent('''
 ''')
 
 
-def run_probe(tmp_path, task: str, **args) -> dict:
+def probe(tmp_path, task: str, **args) -> tuple[dict, str]:
+    """(the probe's JSON answer, what ComfyUI logged while doing it: the probe's stderr)."""
     root = comfyui_path()
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
@@ -66,7 +73,17 @@ def run_probe(tmp_path, task: str, **args) -> dict:
     result = subprocess.run([comfyui_python(root), str(script), str(root), task, json.dumps(args)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def run_probe(tmp_path, task: str, **args) -> dict:
+    return probe(tmp_path, task, **args)[0]
+
+
+def unexpected_lines(log: str) -> list[str]:
+    """ComfyUI's complaints about keys no layer took ("unet unexpected: [...]", comfy/model_base.py): it loads
+    the model anyway, so only its log tells."""
+    return [line for line in log.splitlines() if UNEXPECTED.search(line)]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +107,10 @@ def test_comfyui_loads_our_fp8_transformer_with_the_same_output(bf16_transformer
     x, ctx = torch.randn(1, 128, 4, 6, generator=g), torch.randn(1, 16, 384, generator=g)
     sigma, guidance = torch.tensor([0.7]), torch.tensor([4.0])
     save_file({"x": x, "context": ctx, "sigma": sigma, "guidance": guidance}, tmp_path / "in.safetensors")
-    info = run_probe(tmp_path, "transformer", model=str(fp8), inputs=str(tmp_path / "in.safetensors"),
-                     out=str(tmp_path / "out.safetensors"))
+    info, log = probe(tmp_path, "transformer", model=str(fp8), inputs=str(tmp_path / "in.safetensors"),
+                      out=str(tmp_path / "out.safetensors"))
+    # every key of our file found its layer: ComfyUI logs the others and goes on (the "unet unexpected" regression)
+    assert unexpected_lines(log) == [], "\n".join(unexpected_lines(log))[:4000]
     # ComfyUI detected FLUX.2 and kept the block linears FP8 (its QuantizedTensor); the rest it casts itself
     assert info["class"] == "Flux2"
     assert (info["qkv_weight"], info["quant_format"]) == ("QuantizedTensor", "float8_e4m3fn")
@@ -107,6 +126,30 @@ def test_comfyui_loads_our_fp8_transformer_with_the_same_output(bf16_transformer
     with torch.no_grad():
         dense = unpack(bf16(pack(x), latent_ids(1, 4, 6), ctx, text_ids(1, 16), sigma, guidance), 4, 6)
     assert ((dense - theirs).norm() / theirs.norm()).item() > 100 * err
+
+
+def test_unexpected_check_catches_full_names_in_the_header(bf16_transformer, tmp_path):
+    """Mutation: the regression the check above is for. ``_quantization_metadata`` listing the layers under their
+    full names (``model.diffusion_model.``...): ComfyUI's second pass adds comfy_quant keys no layer has, logs
+    "unet unexpected: [...]" and loads the model anyway."""
+    from flux2kit.pipelines.files.quantize import COMFY_TRANSFORMER_PREFIX, save_fp8_transformer
+    from flux2kit.pipelines.files.safetensors import read_header
+
+    good = save_fp8_transformer(bf16_transformer, tmp_path / "good_fp8mixed.safetensors", header_metadata=True)
+    metadata = dict(read_header(good).metadata)
+    entry = json.loads(metadata["_quantization_metadata"])
+    entry["layers"] = {COMFY_TRANSFORMER_PREFIX + k: v for k, v in entry["layers"].items()}
+    metadata["_quantization_metadata"] = json.dumps(entry)
+    bad = tmp_path / "full_names_fp8mixed.safetensors"
+    save_file(load_file(good), bad, metadata=metadata)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 128, 4, 6, generator=g), torch.randn(1, 16, 384, generator=g)
+    save_file({"x": x, "context": ctx, "sigma": torch.tensor([0.7]), "guidance": torch.tensor([4.0])},
+              tmp_path / "in.safetensors")
+    _, log = probe(tmp_path, "transformer", model=str(bad), inputs=str(tmp_path / "in.safetensors"),
+                   out=str(tmp_path / "out.safetensors"))
+    lines = unexpected_lines(log)
+    assert lines and any("unet unexpected" in line for line in lines), log[-4000:]
 
 
 def test_comfyui_qwen_tokenizer_gives_comfyuis_klein_tokens(tmp_path):
@@ -155,11 +198,14 @@ def test_save_fp8_node_in_comfyui_then_core_loader_and_model_save(comfyui, bf16_
                                  "inputs": {"model_name": name, "filename": out_name, "overwrite": True}}})
         assert run.ok, run.describe()
         written = next(p for p in candidates if p.exists())
+        mark = len(comfyui.log())
         run = comfyui.run({
             "2": {"class_type": "UNETLoader", "inputs": {"unet_name": out_name, "weight_dtype": "default"}},
             "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": "flux2kit_roundtrip"}},
         })
         assert run.ok, run.describe()
+        # ComfyUI's UNETLoader placed every key of our file (it only logs the ones it could not: "unet unexpected")
+        assert unexpected_lines(comfyui.log()[mark:]) == [], comfyui.log()[mark:][-4000:]
         resaved = next(comfyui.output_dir.glob("flux2kit_roundtrip*.safetensors"))
 
         ours, theirs = load_file(written), load_file(resaved)
