@@ -33,15 +33,44 @@ def test_text_encoder_that_does_not_fit_the_transformer(parts, tmp_path):
     assert _run(parts).shape == (1, 64, 64, 3)
 
 
-def test_vae_from_another_model(tmp_path):
+# Every VAE refusal ends with where to get flux2-vae.safetensors; this one must also say which model the file is.
+SDXL_VAE_REFUSAL = (r"^sdxl_vae\.safetensors is a Stable Diffusion 1\.5/SDXL VAE \(4 latent channels\); "
+                    r"FLUX\.2 needs its own VAE \(flux2-vae\.safetensors")
+
+
+def _sdxl_vae_file(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "sdxl_vae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(512, 4, 3, 3),
                "quant_conv.weight": torch.zeros(8, 8, 1, 1), "post_quant_conv.weight": torch.zeros(4, 4, 1, 1)},
               str(path))
+    return path
+
+
+def test_vae_from_another_model(tmp_path):
+    with pytest.raises(Flux2KitError, match=SDXL_VAE_REFUSAL):
+        load_vae(_sdxl_vae_file(tmp_path))
+
+
+def test_vae_refusal_check_catches_an_unnamed_refusal(tmp_path, monkeypatch):
+    """Mutation: the SD branch gone, so the file gets the generic refusal. It still carries the flux2-vae
+    suffix (all the old match="flux2-vae" checked); the message this test expects is not there."""
+    from flux2kit.pipelines.errors import Flux2KitError as Error
+    from flux2kit.pipelines.files.vae_checkpoint import GET_FLUX2_VAE
+    from flux2kit.pipelines.models import vae as vae_module
+
+    def generic(name, shapes, all_keys):
+        raise Error(f"{name} is a VAE with {shapes['decoder.conv_in.weight'][1]} latent channels, not a FLUX.2 VAE; "
+                    f"{GET_FLUX2_VAE}")
+
+    monkeypatch.setattr(vae_module, "check_is_flux2_vae", generic)
+    path = _sdxl_vae_file(tmp_path)
     with pytest.raises(Flux2KitError, match="flux2-vae"):
         load_vae(path)
+    with pytest.raises(AssertionError, match="Regex pattern did not match"):
+        with pytest.raises(Flux2KitError, match=SDXL_VAE_REFUSAL):
+            load_vae(path)
 
 
 def test_extreme_reference_aspect(parts):
