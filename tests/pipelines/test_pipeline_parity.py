@@ -168,6 +168,45 @@ def test_fp8_by_hand_catches_a_dequantize_bug_the_shared_reference_hides(fp8_by_
     assert diff > TOLERANCE, diff  # the hand-written check fails (measured 2.9e-4, 14x its tolerance)
 
 
+# -- a reference above 1 MP: the downscale path ----------------------------------------------------------
+# 1200x1000 = 1.2 MP > 1024 * 1024: both sides scale it to about 1 MP (LANCZOS), then crop to multiples of 16.
+BIG_RUN = dict(prompt="the fox from image 1 in the snow", image=[picture(1200, 1000, 6)], height=64, width=64,
+               num_inference_steps=2, guidance_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def big_reference_expected(diffusers_pipes):
+    return diffusers_pipes["bfl"](generator=torch.Generator("cpu").manual_seed(21), output_type="pt",
+                                  **BIG_RUN).images.permute(0, 2, 3, 1)
+
+
+def ours_with_big_reference(components):
+    run = BIG_RUN
+    return generate(components["bfl"], components["text_encoder"], components["vae"], prompt=run["prompt"],
+                    images=run["image"], width=run["width"], height=run["height"],
+                    num_inference_steps=run["num_inference_steps"], guidance=run["guidance_scale"], seed=21)
+
+
+def test_reference_above_1mp_matches_diffusers(ours_components, big_reference_expected):
+    from flux2kit.pipelines.generation.references import prepare_reference
+
+    # the downscale path: 1121x934 after it, cropped to multiples of 16
+    assert prepare_reference(BIG_RUN["image"][0]).shape == (1, 3, 928, 1120)
+    diff = (ours_with_big_reference(ours_components) - big_reference_expected).abs().max().item()
+    print(f"bfl refs=1 (1.2 MP): max abs diff {diff:.2e}")
+    assert diff < TOLERANCE, diff
+
+
+def test_big_reference_check_catches_a_megapixel_of_a_million(ours_components, big_reference_expected, monkeypatch):
+    """Mutation: '1 MP' taken as 10^6 pixels instead of 1024 * 1024, so the reference is downscaled further
+    (1088x912); below 1 MP no reference ever reaches the difference."""
+    from flux2kit.pipelines.generation import references
+
+    monkeypatch.setattr(references, "MEGAPIXEL", 1_000_000)
+    diff = (ours_with_big_reference(ours_components) - big_reference_expected).abs().max().item()
+    assert diff > TOLERANCE, diff
+
+
 def test_batch_item_i_equals_a_single_run_with_seed_plus_i(ours_components):
     c = ours_components
     kw = dict(prompt="a lighthouse", width=64, height=64, num_inference_steps=2, guidance=4.0)
