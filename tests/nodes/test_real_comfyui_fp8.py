@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flux2kit.testing.real_comfyui import REPO, comfyui_path, comfyui_python
+from flux2kit.testing.real_comfyui import REPO, ComfyUISetupError, check_setup, comfyui_path, comfyui_python
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -85,6 +85,15 @@ PROBE = textwrap.dedent('''
         out = [[t for t, *_ in row] for row in tok.tokenize_with_weights(args["prompt"])["qwen3_4b"]]
         print(json.dumps({"ids": out[0]}))
 ''')
+
+
+@pytest.fixture(scope="module", autouse=True)
+def comfyui_setup():
+    """COMFYUI_PATH is set (else these tests skip): a broken setup fails here, with what to fix."""
+    try:
+        return check_setup()
+    except ComfyUISetupError as e:
+        pytest.fail(f"COMFYUI_PATH is set, but the real-ComfyUI tests cannot run: {e}", pytrace=False)
 
 
 def probe(tmp_path, task: str, **args) -> tuple[dict, str]:
