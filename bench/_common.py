@@ -100,6 +100,18 @@ def interleaved_times(contenders: dict[str, Callable[[], object]], *, runs: int,
     return Timings(times, redone, contended)
 
 
+def contention_report(times: Timings) -> tuple["Row", list[str]]:
+    """The table row saying how many rounds other processes disturbed (timed again / kept anyway), and a
+    warning note when disturbed rounds had to be kept. Every script that times prints both."""
+    row = Row("rounds with other processes busy: timed again / kept", f"{times.redone} / {times.contended}", "",
+              "0 / 0 on a quiet machine")
+    notes = []
+    if times.contended:
+        notes.append(f"WARNING: other processes kept the CPU busy during {times.contended} of the kept rounds; "
+                     "these timings are not reliable. Run again on a quiet machine.")
+    return row, notes
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 # _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
-from _common import Row, dev_proportions, interleaved_times, machine_facts, median, ratio, table
+from _common import Row, contention_report, dev_proportions, interleaved_times, machine_facts, median, ratio, table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,11 +116,15 @@ def main(argv=None) -> int:
         Row("ours, ComfyUI FP8 file (FP8 kept)", f"{med['ours fp8']:.2f} s", ratio(med["ours fp8"], med["diffusers"]), "report"),
         Row("  ours fp8 / ours fp32", "", ratio(med["ours fp8"], med["ours fp32"]), "report"),
     ]
+    busy, notes = contention_report(times)
+    rows.append(busy)
     print(f"text-to-image, {args.size}x{args.size}, {args.steps} steps, 512 text tokens, "
           f"{params / 1e6:.0f}M-parameter transformer, median of {args.runs}")
     print(machine_facts())
     print(table(rows))
     print(f"ours fp32 vs diffusers: max abs pixel difference {check:.2e}")
+    for note in notes:
+        print(f"# {note}")
     return 0
 
 

@@ -26,8 +26,8 @@ import time
 
 # _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
 from _common import (
-    Row, RssMeter, Timings, dev_proportions, gib, interleaved_times, load_average, machine_facts, print_result,
-    ratio, run_measurements, table,
+    Row, RssMeter, Timings, contention_report, dev_proportions, gib, interleaved_times, load_average, machine_facts,
+    print_result, ratio, run_measurements, table,
 )
 
 QUICK = dict(num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=2,
@@ -199,8 +199,7 @@ def run(args) -> tuple[list[Row], list[str]]:
             "<= 1.0"),
         Row("forward ours fp8 file / ours fp32", value("ours fp8"), ratio(t["ours fp8"], t["ours fp32"]),
             "<= 1.15 (aim)"),
-        Row("rounds with other processes busy: timed again / kept", f"{times.redone} / {times.contended}", "",
-            "0 / 0 on a quiet machine"),
+        contention_report(times)[0],
         Row("max |ours fp32 - diffusers|", f"{max_diff:.2e}", "", "~0 (same weights)"),
         Row("relative error ours fp8 vs fp32", f"{fp8_rel:.2e}", "", "report (FP8 rounding)"),
         Row("file size fp8 (ComfyUI) / bf16 (BFL)", f"{gib(sizes['fp8'])} / {gib(sizes['bf16'])}",
@@ -218,11 +217,7 @@ def run(args) -> tuple[list[Row], list[str]]:
         rows.append(Row(f"peak RSS {label}: load + 1st forward / file",
                         f"{gib(m['forward_peak'])}{anon(m['forward_anon'])}", ratio(m["forward_peak"], sizes[key]),
                         target))
-    notes = []
-    if times.contended:
-        notes.append(f"WARNING: other processes kept the CPU busy during {times.contended} of the kept rounds; "
-                     "these timings are not reliable. Run again on a quiet machine.")
-    return rows, notes
+    return rows, contention_report(times)[1]
 
 
 def main(argv=None) -> int:

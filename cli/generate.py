@@ -84,7 +84,7 @@ def add_generate_arguments(gen) -> None:
         help="strength of the --lora just before it (default 1; negative allowed)")
     add("--lora-merge", action="store_true",
         help="merge the LoRAs into copies of the weights they change (faster at high ranks, more memory) "
-             "instead of running them as a side branch")
+             "instead of running them as a side branch; not for GGUF transformers (side branch only)")
 
     up = gen.add_argument_group("prompt upsampling", "rewrite the prompt with FLUX.2 [dev]'s own text encoder first "
                                 "(the whole model: its Hugging Face folder, 48 GB in bf16); the references are shown to it")
@@ -187,6 +187,14 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
         family = ckpt.family
         lora_entries = _lora_entries(loras, lora_merge)
         check_loras_fit(ckpt.config, lora_entries, VARIANT_NAMES.get(ckpt.variant, f"FLUX.2 [{family}]"))
+        if ckpt.quantization == "gguf" and any(e.active and e.merge for e in lora_entries):
+            # GGUF layers stay packed: merge mode would refuse them after the load; say so from the header
+            mix = ", ".join(f"{t} x{n}" for t, (n, _) in ckpt.files.type_mix().items())
+            raise Flux2KitError(
+                f"--lora-merge cannot be used with {os.path.basename(paths['transformer'])}: it is a GGUF transformer "
+                f"(GGUF {mix}) whose layers stay packed GGUF blocks and are never re-quantized (K-quants such as Q4_K "
+                "cannot be), so LoRAs run on it as a side branch only, which gives the exact result. Leave out "
+                "--lora-merge.")
     finally:
         ckpt.files.close()
     params = {k: v for k, v in params.items() if v is not None}

@@ -43,10 +43,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ComfyUIUnavailable(Exception):
-    """No usable ComfyUI (COMFYUI_PATH unset or wrong, or its Python missing): skip."""
+    """COMFYUI_PATH is not set: the real-ComfyUI tests skip."""
 
 
-class MissingRequirements(RuntimeError):
+class ComfyUISetupError(RuntimeError):
+    """COMFYUI_PATH is set but the setup is broken: the real-ComfyUI tests fail, with what to fix."""
+
+
+class MissingRequirements(ComfyUISetupError):
     """ComfyUI's Python lacks some of flux2kit's requirements: the message names them and the install command."""
 
 
@@ -108,6 +112,43 @@ def check_requirements(python: str) -> None:
             f"ComfyUI's Python ({python}) lacks flux2kit's requirements {', '.join(missing)} (requirements.txt, "
             f"what ComfyUI-Manager installs). Install them there:\n    {python} -m pip install {quoted}\n"
             "(see DEVELOPERS.md, 'Tests against a real ComfyUI').")
+
+
+# What ComfyUI's Python must import: ComfyUI's own requirements and this pack's.
+REQUIRED_MODULES = ("torch", "aiohttp", "yaml", "safetensors", "diffusers", "transformers")
+_checked: set[tuple[str, str]] = set()  # (checkout, Python) pairs that passed, checked once per process
+
+
+def check_setup(comfyui: Path | None = None, python: str | None = None) -> tuple[Path, str]:
+    """(ComfyUI checkout, its Python). COMFYUI_PATH unset: ComfyUIUnavailable (skip). Set but unusable (no
+    main.py, the Python missing or without ComfyUI's requirements): ComfyUISetupError saying what to fix."""
+    comfyui = comfyui or comfyui_path()
+    if comfyui is None:
+        raise ComfyUIUnavailable("COMFYUI_PATH is not set")
+    if not (comfyui / "main.py").is_file():
+        raise ComfyUISetupError(f"COMFYUI_PATH={comfyui} has no main.py. Point COMFYUI_PATH at a ComfyUI checkout "
+                                "(the folder that holds main.py), or unset it to skip the real-ComfyUI tests.")
+    given = python or os.environ.get("COMFYUI_PYTHON")
+    python = python or comfyui_python(comfyui)
+    where = "COMFYUI_PYTHON" if given else "the default Python, $COMFYUI_PATH/../comfyui-venv/bin/python,"
+    if not os.path.exists(python):
+        raise ComfyUISetupError(f"ComfyUI's Python {python} ({where}) does not exist. Set COMFYUI_PYTHON to the "
+                                "Python of ComfyUI's environment (DEVELOPERS.md, 'Tests against a real ComfyUI').")
+    if (str(comfyui), python) not in _checked:
+        try:
+            result = subprocess.run([python, "-c", "import " + ", ".join(REQUIRED_MODULES)], capture_output=True,
+                                    text=True, timeout=300, cwd=comfyui)
+        except OSError as e:
+            problem = str(e)
+        else:
+            lines = result.stderr.strip().splitlines()
+            problem = None if result.returncode == 0 else (lines[-1] if lines else f"exit code {result.returncode}")
+        if problem:
+            raise ComfyUISetupError(f"ComfyUI's Python {python} ({where}) cannot import ComfyUI's requirements "
+                                    f"({problem}). Set COMFYUI_PYTHON to the Python of ComfyUI's environment, with "
+                                    "ComfyUI's requirements and this package's installed (DEVELOPERS.md).")
+        _checked.add((str(comfyui), python))
+    return comfyui, python
 
 
 def free_port() -> int:
@@ -190,12 +231,28 @@ class ComfyUIServer:
             "--database-url", f"sqlite:///{self.user_dir / 'comfyui.db'}",
         ]
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        for d in (self.input_dir, self.output_dir, self.temp_dir, self.user_dir, self.root / "custom_nodes"):
-            d.mkdir(parents=True, exist_ok=True)
+    def link_pack(self) -> Path:
+        """``root/custom_nodes/flux2kit``, a symlink to this repository: the only custom_nodes folder ComfyUI
+        reads (--base-directory). One already there that leads elsewhere is a ComfyUISetupError."""
+        (self.root / "custom_nodes").mkdir(parents=True, exist_ok=True)
         link = self.root / "custom_nodes" / "flux2kit"
-        if not link.is_symlink():
+        if link.is_symlink() or link.exists():
+            if link.resolve() != REPO.resolve():
+                raise ComfyUISetupError(f"{link} leads to {link.resolve()}, not to the repository under test "
+                                        f"({REPO}): ComfyUI would load that copy. Remove it, or use a fresh folder.")
+        else:
             link.symlink_to(REPO, target_is_directory=True)
+        return link
+
+    def pack_paths(self) -> list[str]:
+        """Where ComfyUI says it imported a pack named flux2kit from (its "Import times" lines in the log)."""
+        found = re.findall(r"^\s*\d+\.\d+ seconds(?: \(IMPORT FAILED\))?: (.+?)\s*$", self.log(), re.M)
+        return [p for p in found if os.path.basename(p.rstrip("/\\")) == "flux2kit"]
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        for d in (self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.link_pack()
         self.extra_paths.write_text(
             "flux2kit_tests:\n"
             f"    base_path: {json.dumps(str(self.models))}\n"
@@ -217,6 +274,7 @@ class ComfyUIServer:
                                    f"Command: {' '.join(self.command())}\n{self.log_tail()}")
             try:
                 self.client.request("GET", "/object_info/Flux2KitSampler", timeout=5)
+                self.check_pack_path()
                 return
             except (Unreachable, Refused):  # not listening yet, or still loading the custom nodes
                 pass
@@ -224,6 +282,14 @@ class ComfyUIServer:
                 self.stop()
                 raise RuntimeError(f"ComfyUI did not answer /object_info within {timeout:.0f} s.\n{self.log_tail()}")
             time.sleep(0.5)
+
+    def check_pack_path(self) -> None:
+        """ComfyUI loaded flux2kit from this repository (through the link), not from another copy."""
+        elsewhere = [p for p in self.pack_paths() if Path(p).resolve() != REPO.resolve()]
+        if elsewhere:
+            self.stop()
+            raise ComfyUISetupError(f"ComfyUI imported flux2kit from {elsewhere}, not from the repository under test "
+                                    f"({REPO}).\n{self.log_tail()}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -379,15 +445,10 @@ def build_models(models: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def comfyui_server(root: Path, comfyui: Path | None = None, python: str | None = None):
-    """Build the models in ``root/models``, start ComfyUI with flux2kit, yield the ComfyUIServer, stop it."""
-    comfyui = comfyui or comfyui_path()
-    if comfyui is None:
-        raise ComfyUIUnavailable("COMFYUI_PATH is not set")
-    if not (comfyui / "main.py").is_file():
-        raise ComfyUIUnavailable(f"COMFYUI_PATH={comfyui} has no main.py")
-    python = python or comfyui_python(comfyui)
-    if not os.path.exists(python):
-        raise ComfyUIUnavailable(f"ComfyUI's Python {python} does not exist; set COMFYUI_PYTHON")
+    """Build the models in ``root/models``, start ComfyUI with flux2kit, yield the ComfyUIServer, stop it.
+
+    COMFYUI_PATH unset: ComfyUIUnavailable (the tests skip); set but unusable: ComfyUISetupError (they fail)."""
+    comfyui, python = check_setup(comfyui, python)
     check_requirements(python)
     root.mkdir(parents=True, exist_ok=True)
     models = root / "models"

@@ -134,8 +134,9 @@ def models(nodes):
 
 @pytest.fixture(scope="session")
 def comfyui(tmp_path_factory):
-    """A running real ComfyUI with flux2kit (flux2kit.testing.real_comfyui); skips unless COMFYUI_PATH is set."""
-    from flux2kit.testing.real_comfyui import ComfyUIUnavailable, comfyui_path, comfyui_server
+    """A running real ComfyUI with flux2kit (flux2kit.testing.real_comfyui); skips unless COMFYUI_PATH is set,
+    fails when it is set but the setup is broken."""
+    from flux2kit.testing.real_comfyui import ComfyUISetupError, comfyui_path, comfyui_server
 
     if comfyui_path() is None:
         pytest.skip("COMFYUI_PATH is not set")
@@ -143,8 +144,8 @@ def comfyui(tmp_path_factory):
     try:
         context = comfyui_server(root)
         server = context.__enter__()
-    except ComfyUIUnavailable as e:
-        pytest.skip(str(e))
+    except ComfyUISetupError as e:  # COMFYUI_PATH is set: a broken setup fails, with what to fix
+        pytest.fail(f"COMFYUI_PATH is set, but the real-ComfyUI tests cannot run: {e}", pytrace=False)
     try:
         yield server
     finally:

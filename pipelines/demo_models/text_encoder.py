@@ -75,25 +75,26 @@ def build_tiny_tokenizer(vocab_size: int = 1000):
     )
 
 
-def build_tiny_mistral3(seed: int = 0, hidden_size: int = 128, num_layers: int = 32):
+def build_tiny_mistral3(seed: int = 0, hidden_size: int = 128, num_layers: int = 32, *, num_heads: int = 4,
+                        num_kv_heads: int = 2, head_dim: int = 32):
     """A random ``Mistral3ForConditionalGeneration`` shaped like FLUX.2 [dev]'s encoder, and its tokenizer.
 
     Returns ``(model, tokenizer)``; the model is fp32 with weights rounded to bf16, so a bf16 save
-    and an fp32 reload hold exactly the same numbers.
+    and an fp32 reload hold exactly the same numbers. ComfyUI's Mistral-3 model fixes head_dim at 128 (a class
+    attribute of its config), so a tiny encoder meant for ComfyUI takes ``head_dim=128``.
     """
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
     if num_layers < 31:
         raise ValueError("num_layers must be >= 31 so that hidden state 30 is un-normed, as in the real encoder")
     tokenizer = build_tiny_tokenizer()
-    heads, head_dim = 4, 32
     text_config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,

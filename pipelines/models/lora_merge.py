@@ -9,6 +9,12 @@ Measured on the tiny model (README, "LoRA"): nearest gives the smaller error, at
 because one stochastic rounding adds noise of about sqrt(delta x step) to every changed weight where
 nearest is off by at most half a step.
 
+GGUF layers (``GGUFLinear``) are refused: their weights stay packed GGUF blocks and are never
+re-quantized (K-quants such as Q4_K have no quantizer here, and a dense copy of each changed layer
+would take back the memory the GGUF file saves), so LoRAs run on them as a side branch only, which
+gives the exact result. A GGUF file loaded with its weights expanded (``weights="dequantize"``) has
+ordinary bf16/fp32 layers and merges like any other.
+
 The base model's own tensors are never written: the merged copies belong to the LoRA'd variant and
 are swapped into the modules only while it runs, so removing the LoRA restores the originals bit
 for bit (they are the same tensor objects) and other variants of the base are unaffected. The cost
@@ -18,6 +24,7 @@ is memory: one copy of each merged layer per variant.
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 from ..errors import Flux2KitError
 from ..files.fp8 import quantize_weight
 from .fp8_linear import FP8Linear
+from .gguf_linear import GGUFLinear
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -41,12 +49,28 @@ def dense_weight(module: nn.Module) -> Tensor:
 
 
 def check_mergeable(bindings) -> None:
-    """Merge mode needs layers it can rewrite: nn.Linear (any float dtype) or FP8Linear."""
+    """Merge mode needs layers it can rewrite: nn.Linear (any float dtype) or FP8Linear; never GGUF layers."""
+    gguf = {b.module_path: b.module for b in bindings if isinstance(b.module, GGUFLinear)}
+    if gguf:
+        raise gguf_merge_error(gguf)
     for b in bindings:
         if not isinstance(b.module, (nn.Linear, FP8Linear)):
             raise Flux2KitError(
                 f"Merge mode cannot rewrite {b.module_path} ({type(b.module).__name__}); it merges into bf16/fp32 "
                 "and FP8 layers. Use the side-branch mode for this model.")
+
+
+def gguf_merge_error(layers: dict[str, GGUFLinear]) -> Flux2KitError:
+    """The refusal of merge mode on GGUF layers (``{module path: GGUFLinear}``): what they are, why, the fix."""
+    counts = Counter(m.ggml_type.name for m in layers.values()).most_common()
+    path = next(p for p, m in layers.items() if m.ggml_type.name == counts[0][0])  # an example of the main type
+    mix = ", ".join(f"{name} x{n}" for name, n in counts)
+    return Flux2KitError(
+        f"Merge mode cannot add a LoRA into GGUF layers: {path} is a GGUFLinear holding packed GGUF {counts[0][0]} "
+        f"blocks (the merged LoRAs change {len(layers)} GGUF layers: {mix}). GGUF weights stay packed and are never "
+        "re-quantized (K-quants such as Q4_K cannot be), so on a GGUF transformer LoRAs run as a side branch only, "
+        "which gives the exact result: choose mode 'side branch' on FLUX.2 Load LoRA, or leave out --lora-merge in "
+        "flux2kit generate. Nothing was changed.")
 
 
 def _merged(module: nn.Module, bindings, path: str, rounding: str) -> dict[str, Tensor]:

@@ -176,6 +176,7 @@ def test_the_real_comfyui_harness_names_the_requirements_comfyuis_python_lacks(m
     monkeypatch.setattr(real_comfyui, "requirements",
                         lambda: {**wanted, "flux2kit-no-such-package": "flux2kit-no-such-package>=1"})
     (tmp_path / "main.py").write_text("")  # a ComfyUI checkout as far as the harness looks before starting it
+    monkeypatch.setattr(real_comfyui, "REQUIRED_MODULES", ("torch", "safetensors"))  # ComfyUI's own: not here
     with pytest.raises(real_comfyui.MissingRequirements) as e:
         real_comfyui.comfyui_server(tmp_path, comfyui=tmp_path, python=sys.executable).__enter__()
     assert f"{sys.executable} -m pip install 'flux2kit-no-such-package>=1'" in str(e.value)

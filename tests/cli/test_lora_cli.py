@@ -92,6 +92,26 @@ def test_generate_refuses_a_mismatched_lora_before_loading(demo, tmp_path):
     assert code == 2 and "LoRA not found" in err
 
 
+def test_generate_with_a_lora_on_a_gguf_transformer(demo, tmp_path):
+    """Side branch on the demo's GGUF Q8_0 twin; --lora-merge refused from the file's header, before anything loads."""
+    gguf = dict(demo, transformer=demo["transformer_gguf"])
+    code, plain, err = _generate(gguf, tmp_path / "plain")
+    assert code == 0, err
+    code, stdout, err = _generate(gguf, tmp_path / "lora", "--lora", demo["lora"], "--lora-strength", 0.8)
+    assert code == 0, err
+    assert "LoRA flux2_dev_tiny_lora.safetensors at 0.8" in err and "GGUF Q8_0 x23, BF16 x8, F32 x12" in err
+    with PIL.Image.open(stdout.strip().splitlines()[-1]) as im, PIL.Image.open(plain.strip().splitlines()[-1]) as p:
+        assert json.loads(im.text["parameters"])["loras"] == [{"file": "flux2_dev_tiny_lora.safetensors",
+                                                               "strength": 0.8}]
+        assert not np.array_equal(np.asarray(im.convert("RGB")), np.asarray(p.convert("RGB")))
+    code, _, err = _generate(gguf, tmp_path / "merged", "--lora", demo["lora"], "--lora-merge")
+    assert code == 2
+    assert "--lora-merge cannot be used with flux2_dev_tiny_q8_0.gguf: it is a GGUF transformer (GGUF Q8_0 x23, " \
+           "BF16 x8, F32 x12) whose layers stay packed GGUF blocks and are never re-quantized" in err
+    assert "side branch only" in err and "Leave out --lora-merge." in err
+    assert "Loading the text encoder" not in err and not (tmp_path / "merged").exists()
+
+
 def test_decimal_sweeps():
     from flux2kit.cli.batch.inputs import parse_sweep
 

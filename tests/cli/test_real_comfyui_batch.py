@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from flux2kit.testing.real_comfyui import ComfyUIUnavailable, comfyui_path, comfyui_server
+from flux2kit.testing.real_comfyui import ComfyUISetupError, comfyui_path, comfyui_server
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -41,8 +41,8 @@ def two_servers(tmp_path_factory):
         try:
             first = stack.enter_context(comfyui_server(root / "a"))
             second = stack.enter_context(comfyui_server(root / "b"))
-        except ComfyUIUnavailable as e:
-            pytest.skip(str(e))
+        except ComfyUISetupError as e:  # COMFYUI_PATH is set: a broken setup fails, with what to fix
+            pytest.fail(f"COMFYUI_PATH is set, but the real-ComfyUI tests cannot run: {e}", pytrace=False)
         assert first.port != second.port and first.root != second.root
         yield first, second
 

@@ -182,13 +182,35 @@ def test_prompt_upsampling_is_sent_only_to_models_that_take_it(node, server, mon
                     "klein": "absent", "oxen": "absent"}
 
 
-def test_key_from_comfyui_settings(node, server, tmp_path):
+# The setting ids are public: they are what users' comfy.settings.json files hold (web/flux2kit_api.js registers them).
+@pytest.mark.parametrize("provider,setting,other", [("bfl", "Flux2Kit.API.BFLKey", "Flux2Kit.API.OxenKey"),
+                                                    ("oxen", "Flux2Kit.API.OxenKey", "Flux2Kit.API.BFLKey")])
+def test_key_from_comfyui_settings(node, server, tmp_path, provider, setting, other):
+    check_key_from_settings(node, server, tmp_path, provider, setting, other)
+
+
+def test_settings_check_catches_oxen_reading_the_bfl_setting(node, server, tmp_path, monkeypatch):
+    """Mutation: the Oxen key read from the BFL key's setting."""
+    from flux2kit.nodes import api
+
+    monkeypatch.setitem(api.SETTING_IDS, "oxen", "Flux2Kit.API.BFLKey")
+    with pytest.raises(Flux2KitError, match="invalid key"):
+        check_key_from_settings(node, server, tmp_path, "oxen", "Flux2Kit.API.OxenKey", "Flux2Kit.API.BFLKey")
+
+
+def check_key_from_settings(node, server, tmp_path, provider, setting, other):
+    """Each provider reads its own setting: the other provider's key, also in the file, is never sent."""
     settings = tmp_path / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Flux2Kit.API.BFLKey": KEY, "Comfy.Other": 1}))
-    out = node.execute(**inputs(server))
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({setting: KEY, other: "sk-the-other-providers-key", "Comfy.Other": 1}))
+    kw = {"provider": "oxen", "width": 0, "height": 0} if provider == "oxen" else {}
+    out = node.execute(**inputs(server, **kw))
     assert out.result[0].shape[0] == 1
-    assert server.submissions()[0]["headers"]["x-key"] == KEY
+    headers = server.submissions()[0]["headers"]
+    if provider == "bfl":
+        assert headers["x-key"] == KEY
+    else:
+        assert headers["Authorization"] == f"Bearer {KEY}"
 
 
 def test_missing_key_says_where_to_put_it_and_sends_nothing(node, server):

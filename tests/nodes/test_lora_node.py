@@ -117,3 +117,73 @@ def test_bad_lora_files_leave_the_transformer_alone(nodes, models, loras_dir, tm
     assert all(t.model.state_dict(keep_vars=True)[k] is v for k, v in before.items())
     assert not any(m._forward_hooks for m in t.model.modules())
     assert torch.equal(run(t, inputs()), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF transformers: side branch only
+
+GGUF_DEMO = os.path.basename(DEMO_FILES["transformer_gguf"])
+
+
+@pytest.fixture(scope="module")
+def gguf_transformer(nodes):
+    return nodes["Flux2KitTransformerLoader"].execute(model_name=GGUF_DEMO, weight_mode="fp8 as stored",
+                                                      offload_blocks=False).result[0]
+
+
+def test_chained_loaders_on_a_gguf_transformer_equal_the_engine(nodes, models, gguf_transformer, loras_dir, comfy,
+                                                                shown):
+    """Two loaders (the demo LoRA, then a kohya file) on the demo set's GGUF Q8_0 twin, through the sampler: the
+    same image as the engine's load_transformer + apply_loras + generate (the engine's GGUF LoRA parity with
+    diffusers is in tests/pipelines/test_lora_gguf.py)."""
+    from flux2kit.pipelines.files.lora_formats import read_lora
+    from flux2kit.pipelines.generation.generate import generate
+    from flux2kit.pipelines.models.gguf_linear import GGUFLinear
+    from flux2kit.pipelines.models.lora import LoraEntry, apply_loras
+    from flux2kit.pipelines.models.transformer import load_transformer
+
+    _, te, vae = models
+    t = gguf_transformer
+    second = demo.random_lora(dict(t.config), rank=8, seed=7, std=0.02)
+    second_path = demo.save_lora(second, str(loras_dir / "gguf_second_test.safetensors"), "kohya", alpha=4.0)
+    try:
+        lora = load(nodes, load(nodes, t, strength=0.8), lora_name="gguf_second_test.safetensors", strength=-0.5,
+                    single_blocks=0.5)
+        assert lora.base is t and lora.quantization == "gguf"
+        assert lora.bindings and all(isinstance(b.module, GGUFLinear) for b in lora.bindings)
+        assert "side branch" in shown[-1]
+        c = nodes["Flux2KitTextEncode"].execute(text_encoder=te, prompt="tinystyle, a red fox").result[0]
+        latent = nodes["Flux2KitSampler"].execute(transformer=lora, conditioning=c, **GEN).result[0]
+        image = nodes["Flux2KitDecode"].execute(vae=vae, latent=latent).result[0]
+        plain = nodes["Flux2KitSampler"].execute(transformer=t, conditioning=c, **GEN).result[0]
+        assert rel(latent["samples"], plain["samples"]) > 1e-3  # the LoRAs show
+        engine = apply_loras(load_transformer(str(comfy / "models" / DEMO_FILES["transformer_gguf"]), device="cpu"),
+                             [LoraEntry(read_lora(str(comfy / "models" / DEMO_FILES["lora"])), 0.8),
+                              LoraEntry(read_lora(second_path), -0.5, single_blocks=0.5)])
+        direct = generate(engine, te, vae, prompt="tinystyle, a red fox", width=64, height=64, num_inference_steps=2,
+                          guidance=4.0, seed=3)
+        assert torch.equal(direct, image)
+    finally:
+        (loras_dir / "gguf_second_test.safetensors").unlink()
+
+
+def test_merge_mode_on_a_gguf_transformer_is_refused_and_changes_nothing(nodes, gguf_transformer, shown):
+    t = gguf_transformer
+    before = dict(t.model.state_dict(keep_vars=True))
+    copies = {k: v.detach().clone() for k, v in before.items()}
+    out = run(t, inputs())
+    side = load(nodes, t, strength=0.5)
+    shown.clear()
+    message = (r"Merge mode cannot add a LoRA into GGUF layers: \S+ is a GGUFLinear holding packed GGUF Q8_0 blocks "
+               r"\(the merged LoRAs change 31 GGUF layers: Q8_0 x23, BF16 x8\).*side branch only.*choose mode "
+               r"'side branch' on FLUX\.2 Load LoRA")
+    for transformer in (t, side):  # on the loader, and chained after a side-branch LoRA
+        for mode in ("merge", "merge, stochastic rounding (as ComfyUI)"):
+            with pytest.raises(Flux2KitError, match=message):
+                load(nodes, transformer, mode=mode)
+    assert shown == []  # refused before the node showed anything
+    after = dict(t.model.state_dict(keep_vars=True))
+    assert all(after[k] is v and torch.equal(v, copies[k]) for k, v in before.items())
+    assert not any(m._forward_hooks for m in t.model.modules())
+    assert torch.equal(run(t, inputs()), out)
+    assert rel(run(side, inputs()), out) > 1e-3  # the side-branch variant before it still works

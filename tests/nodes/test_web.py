@@ -115,6 +115,70 @@ def test_the_browser_estimate_agrees_with_the_node(comfy):
     assert exact >= 40 and ranged >= 20
 
 
+def js_settings(text: str) -> dict[str, str]:
+    """setting id -> the first string of its tooltip, from the ``settings`` list of web/flux2kit_api.js."""
+    start = text.index("settings: [")
+    block = text[start: text.index("\n  ],", start)]
+    return dict(re.findall(r'\bid:\s*"([^"]+)".*?\btooltip:\s*"([^"]*)"', block, re.S))
+
+
+def setting_mismatches(js_text: str) -> list[str]:
+    """Where the browser's API-key settings and the node that reads them (nodes/api.py SETTING_IDS) disagree."""
+    from flux2kit.nodes.api import SETTING_IDS
+    from flux2kit.pipelines.hosted import providers as AP
+
+    found = js_settings(js_text)
+    problems = [f"the browser registers {sid!r}, which no provider reads" for sid in sorted(set(found) - set(SETTING_IDS.values()))]
+    for provider, sid in sorted(SETTING_IDS.items()):
+        if sid not in found:
+            problems.append(f"{provider}: the node reads {sid!r}, which the browser does not register")
+        elif AP.PROVIDERS[provider].key_env not in found[sid]:
+            problems.append(f"{provider}: the tooltip of {sid!r} does not name {AP.PROVIDERS[provider].key_env}")
+    return problems
+
+
+def test_the_browser_registers_the_settings_the_node_reads(comfy):
+    assert setting_mismatches((WEB / "flux2kit_api.js").read_text(encoding="utf-8")) == []
+
+
+def test_setting_check_catches_a_renamed_setting(comfy):
+    """Mutation: the Oxen key setting registered under another id than the one nodes/api.py reads."""
+    text = (WEB / "flux2kit_api.js").read_text(encoding="utf-8")
+    assert '"Flux2Kit.API.OxenKey"' in text
+    problems = setting_mismatches(text.replace('"Flux2Kit.API.OxenKey"', '"Flux2Kit.API.OxenAPIKey"'))
+    assert any("oxen: the node reads 'Flux2Kit.API.OxenKey'" in p for p in problems), problems
+
+
+@pytest.mark.skipif(NODE is None, reason="node (Node.js 18+) is not installed")
+def test_the_browser_hex_parser_is_the_engines():
+    """normalizeHex (web/lib/preview.js) against parse_hex on generated forms: every length, case, prefix,
+    stray character and alpha; the same canonical colour or both refuse."""
+    from flux2kit.pipelines.errors import Flux2KitError
+    from flux2kit.pipelines.prompting.palette import parse_hex
+
+    digits = "0a1B2c3D4e5F6"
+    forms = set()
+    for n in range(0, 10):
+        for body in (digits[:n], digits[:n].upper(), digits[:n].lower(), (digits[:n] + "g")[:n]):
+            for prefix in ("", "#", "##", " #", "# "):
+                for suffix in ("", " ", "\n", "ff", "FF", "80", "00"):
+                    forms.add(prefix + body + suffix)
+    forms = sorted(forms)
+    js = _node_eval("""
+        import { normalizeHex } from "./lib/preview.js";
+        console.log(JSON.stringify(DATA.map((t) => normalizeHex(t))));
+    """, forms)
+    differ = []
+    for text, browser in zip(forms, js):
+        try:
+            engine = parse_hex(text)
+        except Flux2KitError:
+            engine = None
+        if engine != browser:
+            differ.append((text, engine, browser))
+    assert len(forms) > 800 and not differ, differ[:20]
+
+
 @pytest.mark.skipif(NODE is None, reason="node (Node.js 18+) is not installed")
 def test_the_browser_size_rule_is_the_engines():
     from flux2kit.pipelines.parameters import ASPECT_RATIOS, RESOLUTIONS, size_from_aspect

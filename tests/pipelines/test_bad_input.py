@@ -33,15 +33,44 @@ def test_text_encoder_that_does_not_fit_the_transformer(parts, tmp_path):
     assert _run(parts).shape == (1, 64, 64, 3)
 
 
-def test_vae_from_another_model(tmp_path):
+# Every VAE refusal ends with where to get flux2-vae.safetensors; this one must also say which model the file is.
+SDXL_VAE_REFUSAL = (r"^sdxl_vae\.safetensors is a Stable Diffusion 1\.5/SDXL VAE \(4 latent channels\); "
+                    r"FLUX\.2 needs its own VAE \(flux2-vae\.safetensors")
+
+
+def _sdxl_vae_file(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "sdxl_vae.safetensors"
     save_file({"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(512, 4, 3, 3),
                "quant_conv.weight": torch.zeros(8, 8, 1, 1), "post_quant_conv.weight": torch.zeros(4, 4, 1, 1)},
               str(path))
+    return path
+
+
+def test_vae_from_another_model(tmp_path):
+    with pytest.raises(Flux2KitError, match=SDXL_VAE_REFUSAL):
+        load_vae(_sdxl_vae_file(tmp_path))
+
+
+def test_vae_refusal_check_catches_an_unnamed_refusal(tmp_path, monkeypatch):
+    """Mutation: the SD branch gone, so the file gets the generic refusal. It still carries the flux2-vae
+    suffix (all the old match="flux2-vae" checked); the message this test expects is not there."""
+    from flux2kit.pipelines.errors import Flux2KitError as Error
+    from flux2kit.pipelines.files.vae_checkpoint import GET_FLUX2_VAE
+    from flux2kit.pipelines.models import vae as vae_module
+
+    def generic(name, shapes, all_keys):
+        raise Error(f"{name} is a VAE with {shapes['decoder.conv_in.weight'][1]} latent channels, not a FLUX.2 VAE; "
+                    f"{GET_FLUX2_VAE}")
+
+    monkeypatch.setattr(vae_module, "check_is_flux2_vae", generic)
+    path = _sdxl_vae_file(tmp_path)
     with pytest.raises(Flux2KitError, match="flux2-vae"):
         load_vae(path)
+    with pytest.raises(AssertionError, match="Regex pattern did not match"):
+        with pytest.raises(Flux2KitError, match=SDXL_VAE_REFUSAL):
+            load_vae(path)
 
 
 def test_extreme_reference_aspect(parts):
@@ -77,11 +106,58 @@ def test_reference_that_is_not_an_image(parts):
         _run(parts, images=[torch.zeros(64, 64, 7)])
 
 
-def test_grayscale_and_rgba_references_are_converted(parts):
-    gray = PIL.Image.new("L", (64, 64), 128)
-    rgba = PIL.Image.new("RGBA", (64, 80), (255, 0, 0, 0))
-    out = _run(parts, images=[gray, rgba, torch.rand(1, 64, 64, 1)])
+def _grey_and_rgba_references():
+    """(references as given, the same references as RGB pictures) for the conversion check."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    colour = rng.integers(0, 256, (80, 64, 3), dtype=np.uint8)
+    alpha = np.where(rng.random((80, 64)) < 0.5, 0, 255).astype(np.uint8)  # see-through or opaque
+    composited = np.where(alpha[..., None] == 255, colour, 255).astype(np.uint8)  # onto white
+    one_channel = torch.rand(1, 64, 64, 1, generator=torch.Generator().manual_seed(0))
+    given = [PIL.Image.fromarray(grey, "L"), PIL.Image.fromarray(np.dstack([colour, alpha]), "RGBA"), one_channel]
+    as_rgb = [PIL.Image.fromarray(np.dstack([grey] * 3)), PIL.Image.fromarray(composited), one_channel.expand(-1, -1, -1, 3)]
+    return given, as_rgb
+
+
+def check_grey_and_rgba_references(parts):
+    """Grey stays grey (each channel the grey level), RGBA is composited onto white (docs/parameters.md,
+    "References"), and a whole run with them equals the run with those RGB pictures."""
+    from flux2kit.pipelines.generation.references import prepare_reference
+
+    given, as_rgb = _grey_and_rgba_references()
+    for i, (a, b) in enumerate(zip(given, as_rgb)):
+        assert torch.equal(prepare_reference(a), prepare_reference(b)), f"reference {i + 1}"
+    # a part-transparent pixel: alpha * colour + (1 - alpha) * white, to PIL's rounding
+    half = np.full((64, 64, 4), (200, 40, 0, 64), dtype=np.uint8)
+    expected = (np.array([200, 40, 0]) * 64 + 255 * (255 - 64)) / 255
+    got = (prepare_reference(PIL.Image.fromarray(half, "RGBA"))[0, :, 0, 0] + 1) / 2 * 255
+    assert np.abs(got.numpy() - expected).max() <= 1.0, (got, expected)
+    out = _run(parts, images=given)
     assert out.shape == (1, 64, 64, 3)
+    assert torch.equal(out, _run(parts, images=as_rgb))
+
+
+def test_grayscale_and_rgba_references_are_converted(parts):
+    check_grey_and_rgba_references(parts)
+
+
+def test_grey_check_catches_grey_read_as_red(parts, monkeypatch):
+    """Mutation: grey L mapped to (L, 0, 0). Every shape stays right (what this test used to check)."""
+    from flux2kit.pipelines.generation import references
+
+    original = references.to_rgb
+
+    def grey_as_red(image):
+        if image.mode == "L":
+            zero = PIL.Image.new("L", image.size, 0)
+            return PIL.Image.merge("RGB", (image, zero, zero))
+        return original(image)
+
+    monkeypatch.setattr(references, "to_rgb", grey_as_red)
+    given, _ = _grey_and_rgba_references()
+    assert _run(parts, images=given).shape == (1, 64, 64, 3)
+    with pytest.raises(AssertionError, match="reference 1"):
+        check_grey_and_rgba_references(parts)
 
 
 def test_transparent_pixels_become_white():

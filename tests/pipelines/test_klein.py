@@ -279,14 +279,45 @@ def test_base_with_two_references_and_guidance_scale(klein, klein_pair, qwen3, t
         assert diff < TOLERANCE, diff
 
 
-def test_distilled_ignores_guidance_and_says_so_once(klein_pair, text_encoder, vae, caplog):
-    t = klein_pair["bfl"][0]
+def check_distilled_ignores_guidance_and_says_so_once(klein_files, text_encoder, vae, caplog, tmp_path):
+    """The note is said once per model, remembered for the whole process: the model is loaded here from its own
+    copy of the file, a source no other test has run, so the note is this test's to see."""
+    import shutil
+
+    path = shutil.copy(klein_files["bfl", None], tmp_path / "klein-distilled-own-copy.safetensors")
+    t = load_transformer(path, device="cpu", klein_mode="distilled")
     kw = dict(prompt="a lighthouse", width=64, height=64, num_inference_steps=2, seed=3)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="flux2kit"):
         a = generate(t, text_encoder, vae, guidance=1.0, **kw)
         b = generate(t, text_encoder, vae, guidance=7.0, **kw)
     assert torch.equal(a, b)
-    assert caplog.text.count("guidance input") <= 1
+    notes = [r.getMessage() for r in caplog.records if "guidance input" in r.getMessage()]
+    assert len(notes) == 1, notes
+    assert "is distilled: it runs without guidance, so the guidance input (1) is ignored" in notes[0]
+
+
+def test_distilled_ignores_guidance_and_says_so_once(klein_files, text_encoder, vae, caplog, tmp_path):
+    check_distilled_ignores_guidance_and_says_so_once(klein_files, text_encoder, vae, caplog, tmp_path)
+
+
+@pytest.mark.parametrize("mutation", ["never says it", "says it every time"])
+def test_said_once_check_catches_zero_and_two_notes(mutation, klein_files, text_encoder, vae, caplog, tmp_path,
+                                                    monkeypatch):
+    """Mutations: the note never given (the old check, ``count <= 1``, accepted that), and the memory forgotten."""
+    import importlib
+
+    generate_module = importlib.import_module("flux2kit.pipelines.generation.generate")
+    if mutation == "never says it":
+        monkeypatch.setattr(generate_module, "_note_guidance_once", lambda transformer, guidance: None)
+    else:
+        class Forgetful(set):
+            def add(self, item):
+                pass
+
+        monkeypatch.setattr(generate_module, "_guidance_notes", Forgetful())
+    with pytest.raises(AssertionError, match=r"assert [02] == 1"):
+        check_distilled_ignores_guidance_and_says_so_once(klein_files, text_encoder, vae, caplog, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

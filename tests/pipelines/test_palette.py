@@ -1,9 +1,13 @@
 """HEX parsing, CSS names by CIEDE2000 (against Sharma et al.'s published test data), dominant colours, swatches."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import flux2kit
 from flux2kit.pipelines.errors import Flux2KitError
 from flux2kit.pipelines.prompting.palette import (CSS_COLORS, MAX_PALETTE_COLORS, PaletteColor, check_palette_size, ciede2000,
                                         dominant_colors, nearest_color_name, parse_color_lines, parse_hex,
@@ -31,6 +35,43 @@ def test_invalid_hex_forms_say_what_to_write(text, message):
         parse_hex(text)
     assert message in str(e.value)
     assert "#RRGGBB" in str(e.value) or "Use #" in str(e.value)
+
+
+HEX_CASES = Path(flux2kit.__file__).resolve().parent / "web" / "tests" / "hex_cases.json"
+
+
+def hex_case_mismatches(parse) -> list[str]:
+    """Where ``parse`` disagrees with web/tests/hex_cases.json, the cases the browser's normalizeHex is tested on."""
+    cases = json.loads(HEX_CASES.read_text(encoding="utf-8"))
+    out = []
+    for text, expected in cases["accepted"]:
+        try:
+            got = parse(text)
+        except Flux2KitError as e:
+            got = f"refused ({e})"
+        if got != expected:
+            out.append(f"{text!r}: {got} instead of {expected}")
+    for text in cases["refused"]:
+        try:
+            out.append(f"{text!r}: accepted as {parse(text)}")
+        except Flux2KitError:
+            pass
+    return out
+
+
+def test_parse_hex_accepts_and_refuses_what_the_browser_does():
+    cases = json.loads(HEX_CASES.read_text(encoding="utf-8"))
+    assert len(cases["accepted"]) >= 10 and len(cases["refused"]) >= 10
+    assert hex_case_mismatches(parse_hex) == []
+
+
+def test_shared_hex_cases_catch_a_parser_that_keeps_any_alpha():
+    """Mutation: an 8-digit form loses its alpha whatever it is (parse_hex refuses all but FF)."""
+    def any_alpha(text):
+        s = text.strip() if isinstance(text, str) else text
+        return parse_hex(s[:-2] if isinstance(s, str) and len(s.lstrip("#")) == 8 else text)
+
+    assert any(m.startswith("'#ff6b6b80'") for m in hex_case_mismatches(any_alpha))
 
 
 def test_non_text_colour():

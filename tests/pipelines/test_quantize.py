@@ -135,7 +135,8 @@ def test_saved_file_is_comfyui_current_fp8_format(saved):
 def _comfyui_unet_state_dict(path, *, drop_comfy_quant_tensors=False):
     """The state dict ComfyUI 0.29's load_diffusion_model_state_dict hands the model (comfy/sd.py):
     convert_old_quants (its metadata branch) on the full keys, strip model.diffusion_model. keeping only
-    those keys, convert_old_quants again with the same metadata."""
+    those keys, convert_old_quants again with the same metadata. A simulation: the real ComfyUI check (its log
+    has no "unexpected" line for our file) is in tests/nodes/test_real_comfyui_fp8.py."""
     sd = {k: None for k in read_header(path).tensors}
     if drop_comfy_quant_tensors:
         sd = {k: v for k, v in sd.items() if not k.endswith(".comfy_quant")}

@@ -165,17 +165,107 @@ def test_forced_scaled_mm_path_is_close_to_dequantized(transformer_files):
     assert 0 < rel < 0.10, rel
 
 
+class OffloadWitness:
+    """A stand-in accelerator for a CPU-only machine, to see where offloaded blocks are.
+
+    Each block's ``.to`` is wrapped: every target is recorded; a move to ``target`` (the meta device, which no
+    tensor of the model is on) copies the block's tensors to new memory, as a transfer to a GPU makes new
+    tensors; a move back to the CPU puts the stored tensors back. Where a block is, is read from its tensors'
+    memory: "storage" (the loaded tensors), "device" (copies) or "mixed".
+    """
+
+    def __init__(self, blocks, target: torch.device):
+        self.blocks, self.target = blocks, torch.device(target)
+        self.moves: list[tuple[int, str]] = []  # (block, device type) of every .to()
+        self.seen: list[tuple[int, list[str]]] = []  # inside each block's forward: where every block was
+        self.stored = [self._tensors(b) for b in blocks]
+        for i, block in enumerate(blocks):
+            block.to = self._wrap_to(i, block)  # an instance attribute: the hooks' module.to() finds it
+            # registered after the offload hooks, so it runs after the block was brought in, before it computes
+            block.register_forward_pre_hook(lambda module, args, i=i: self.seen.append((i, self.locations())))
+
+    @staticmethod
+    def _tensors(block) -> dict:
+        """(module, kind, name) -> the tensor holding the data now (a parameter's ``.data``, not the parameter,
+        whose object stays the same when its data moves)."""
+        return {(id(m), kind, name): (t.data if kind == "p" else t) for m in block.modules()
+                for kind, items in (("p", m.named_parameters(recurse=False)), ("b", m.named_buffers(recurse=False)))
+                for name, t in items}
+
+    def _wrap_to(self, i, block):
+        def to(device, *args, **kwargs):
+            device = torch.device(device)
+            self.moves.append((i, device.type))
+            modules = {id(m): m for m in block.modules()}
+            for (mid, kind, name), stored in self.stored[i].items():
+                m = modules[mid]
+                if device == self.target:
+                    new = stored.clone()
+                elif device.type == "cpu":
+                    new = stored
+                else:
+                    raise AssertionError(f"block {i} moved to {device}, neither the device nor the CPU storage")
+                if kind == "p":
+                    getattr(m, name).data = new
+                else:
+                    setattr(m, name, new)
+            return block
+        return to
+
+    def locations(self) -> list[str]:
+        out = []
+        for i, block in enumerate(self.blocks):
+            now = self._tensors(block)
+            home = {k: now[k].data_ptr() == t.data_ptr() for k, t in self.stored[i].items()}
+            out.append("storage" if all(home.values()) else "device" if not any(home.values()) else "mixed")
+        return out
+
+
+def check_block_offload(path, x, expected):
+    """One forward with block offload towards a device other than the CPU storage: before, all blocks in
+    storage; inside block i's forward, block i on the device and every other block in storage; after, all
+    back in storage, each block moved in then out once, and the result that of the model without offload."""
+    off = load_transformer(path, device="cpu", offload_blocks=True)
+    blocks = list(off.model.transformer_blocks) + list(off.model.single_transformer_blocks)
+    n = len(blocks)
+    off.offload.device = torch.device("meta")  # where the hooks send the blocks (the witness copies them)
+    witness = OffloadWitness(blocks, off.offload.device)
+    assert witness.locations() == ["storage"] * n, "before the forward"
+    out = _ours(off, x)
+    assert [i for i, _ in witness.seen] == list(range(n)), witness.seen
+    for i, where in witness.seen:
+        assert where == ["storage"] * i + ["device"] + ["storage"] * (n - 1 - i), f"inside block {i}: {where}"
+    assert witness.locations() == ["storage"] * n, "after the forward"
+    assert witness.moves == [(i, kind) for i in range(n) for kind in ("meta", "cpu")], witness.moves
+    assert torch.equal(out, expected)
+    return off
+
+
 def test_block_offload_moves_each_block_in_and_out(transformer_files):
     x = _inputs()
     plain = load_transformer(transformer_files["comfy-fp8"], device="cpu")
-    off = load_transformer(transformer_files["comfy-fp8"], device="cpu", offload_blocks=True)
-    assert off.offload is not None and off.offload.moves == 0
-    out = _ours(off, x)
+    expected = _ours(plain, x)
+    off = check_block_offload(transformer_files["comfy-fp8"], x, expected)
     assert off.offload.moves == 2 * (2 + 2)
     _ours(off, x)
     assert off.offload.moves == 4 * (2 + 2)
-    assert torch.equal(out, _ours(plain, x))
     assert all(p.device.type == "cpu" for p in off.model.transformer_blocks.buffers())
+
+
+def test_block_offload_check_catches_hooks_that_move_nothing(transformer_files, monkeypatch):
+    """Mutation: hooks that count moves but never call ``.to()``. The move counter, the unchanged result and
+    "every buffer on the CPU" (the checks this test used to make) all still pass; where the blocks are does not."""
+    from flux2kit.pipelines.models.offload import BlockOffload
+
+    def count_only(self, module, *args):
+        self.moves += 1
+
+    monkeypatch.setattr(BlockOffload, "_bring_in", count_only)
+    monkeypatch.setattr(BlockOffload, "_send_back", count_only)
+    x = _inputs()
+    expected = _ours(load_transformer(transformer_files["comfy-fp8"], device="cpu"), x)
+    with pytest.raises(AssertionError, match="inside block 0"):
+        check_block_offload(transformer_files["comfy-fp8"], x, expected)
 
 
 # -- bad input ---------------------------------------------------------------------------------

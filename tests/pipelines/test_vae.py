@@ -354,6 +354,84 @@ def test_conversion_round_trip_is_exact_and_total(config):
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in sd.items()}
 
 
+# The name map against an independent reference. The round trip above checks the converter against its own
+# inverse: both directions read one table, so a wrong entry (q and k swapped, say) converts there and back
+# unnoticed. diffusers' own LDM VAE conversion does not share that table.
+
+
+def diffusers_ldm_vae_to_diffusers(ldm: dict, config: dict) -> dict:
+    """An LDM (BFL) VAE state dict read by diffusers' own code: ``convert_ldm_vae_checkpoint`` (the conversion
+    diffusers' single-file loading uses for LDM VAEs), after the two FLUX.2 differences as diffusers'
+    scripts/convert_flux2_to_diffusers.py spells them (DIFFUSERS_VAE_TO_FLUX2_MAPPING): the quant convs nested
+    in encoder/decoder, and the batch-norm statistics under their own names."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    sd = dict(ldm)
+    for nested, top in (("encoder.quant_conv.", "quant_conv."), ("decoder.post_quant_conv.", "post_quant_conv.")):
+        for k in [k for k in sd if k.startswith(nested)]:
+            sd[top + k[len(nested):]] = sd.pop(k)
+    out = convert_ldm_vae_checkpoint(sd, config)
+    out.update({k: sd[k] for k in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked") if k in sd})
+    return out
+
+
+def name_map_differences(config: dict) -> list[str]:
+    """Where our LDM <-> diffusers map disagrees with diffusers' own conversion, value by value, both ways."""
+    sd = build_tiny_vae(seed=3, config=config).state_dict()
+    ldm = convert_diffusers_vae_to_ldm(sd)
+    theirs = diffusers_ldm_vae_to_diffusers(ldm, config)
+    problems = [f"missing in diffusers' reading of our file: {k}" for k in sd if k not in theirs]
+    problems += [f"diffusers reads our {k} as another tensor" for k in sd if k in theirs and not torch.equal(theirs[k], sd[k])]
+    ours = convert_ldm_vae_to_diffusers(ldm)
+    problems += [f"ours reads {k} differently from diffusers" for k in theirs
+                 if k not in ours or not torch.equal(ours[k], theirs[k])]
+    return problems
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_vae_config(),
+        {**tiny_vae_config(), "layers_per_block": 2, "decoder_block_out_channels": [32, 32, 64, 96]},
+    ],
+    ids=["tiny", "wider-decoder"],
+)
+def test_name_map_agrees_with_diffusers_ldm_conversion_value_by_value(config):
+    assert name_map_differences(config) == []
+
+
+def test_name_map_check_catches_q_and_k_swapped(monkeypatch):
+    """Mutation: q and k swapped in the one table both directions read. The round trip still passes; the
+    comparison with diffusers' conversion does not."""
+    from flux2kit.pipelines.files import vae_checkpoint
+
+    swapped = {"norm": "group_norm", "q": "to_k", "k": "to_q", "v": "to_v", "proj_out": "to_out.0"}
+    monkeypatch.setattr(vae_checkpoint, "_ATTN_PARTS", swapped)
+    monkeypatch.setattr(vae_checkpoint, "_ATTN_PARTS_TO_LDM", {v: k for k, v in swapped.items()})
+    sd = build_tiny_vae(seed=3).state_dict()
+    back = convert_ldm_vae_to_diffusers(convert_diffusers_vae_to_ldm(sd))
+    assert all(torch.equal(back[k], sd[k]) for k in sd)  # what the round trip sees: nothing wrong
+    problems = name_map_differences(tiny_vae_config())
+    assert any("mid_block.attentions.0.to_q.weight" in p for p in problems), problems
+
+
+def test_real_size_names_map_as_diffusers_maps_them():
+    """The real VAE's 251 names, each tensor tagged with its own number: diffusers' conversion of our LDM
+    names must hand every tag back to the parameter it came from."""
+    with torch.device("meta"):
+        model = AutoencoderKLFlux2()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tagged = {k: torch.full((1,) * len(s), float(i)) for i, (k, s) in enumerate(shapes.items())}
+    ldm = convert_diffusers_vae_to_ldm(tagged)
+    assert ldm.keys() == bfl_autoencoder_shapes().keys()
+    back = diffusers_ldm_vae_to_diffusers(ldm, dict(model.config))
+    assert back.keys() == tagged.keys()
+    for k, t in tagged.items():
+        assert back[k].item() == t.item(), (k, back[k].item(), t.item())
+    ours = convert_ldm_vae_to_diffusers(ldm)
+    assert all(ours[k].item() == t.item() for k, t in tagged.items())
+
+
 def test_unknown_ldm_key_is_refused():
     ldm = convert_diffusers_vae_to_ldm(build_tiny_vae().state_dict())
     ldm["encoder.down.0.attn.0.q.weight"] = torch.zeros(1)

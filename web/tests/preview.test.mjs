@@ -1,24 +1,40 @@
 // node --test web/tests   (files end in .mjs so ComfyUI, which loads every web/**/*.js, never loads them)
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { test } from "node:test";
 
 import {
   clampLines, normalizeHex, previewHeight, previewModel, readableInk, rootNodeId, swatchLabel, swatchLayout,
 } from "../lib/preview.js";
 
-test("normalizeHex accepts the forms the Python parser accepts", () => {
-  for (const [input, expected] of [
-    ["#02eb3c", "#02EB3C"], ["02EB3C", "#02EB3C"], ["#abc", "#AABBCC"], ["ABC", "#AABBCC"],
-    [" #123456 ", "#123456"], ["#ff6b6bff", "#FF6B6B"],
-  ]) {
-    assert.equal(normalizeHex(input), expected, input);
+// One list of cases for both parsers: tests/pipelines/test_palette.py runs parse_hex on the same file.
+const HEX_CASES = JSON.parse(readFileSync(new URL("./hex_cases.json", import.meta.url), "utf8"));
+
+function hexMismatches(normalize) {
+  const out = [];
+  for (const [input, expected] of HEX_CASES.accepted) {
+    const got = normalize(input);
+    if (got !== expected) out.push(`${JSON.stringify(input)}: ${got} instead of ${expected}`);
   }
+  for (const input of HEX_CASES.refused) {
+    const got = normalize(input);
+    if (got !== null) out.push(`${JSON.stringify(input)}: accepted as ${got}`);
+  }
+  return out;
+}
+
+test("normalizeHex accepts and refuses what the Python parser does (web/tests/hex_cases.json)", () => {
+  assert.deepEqual(hexMismatches(normalizeHex), []);
+  assert.equal(normalizeHex(undefined), null); // no JSON for undefined
 });
 
-test("normalizeHex refuses bad forms", () => {
-  for (const input of ["#GGG", "#12345", "", "##fff", "#", "#ff6b6b80", "#1234", "0x02EB3C", null, 42, undefined]) {
-    assert.equal(normalizeHex(input), null, String(input));
-  }
+test("the shared HEX cases catch a parser that keeps any alpha", () => {
+  // Mutation: an 8-digit form loses its alpha whatever the alpha (the parsers accept only FF, opaque).
+  const anyAlpha = (t) => {
+    const s = typeof t === "string" ? t.trim() : t;
+    return normalizeHex(typeof s === "string" && s.replace(/^#/, "").length === 8 ? s.slice(0, -2) : t);
+  };
+  assert.ok(hexMismatches(anyAlpha).some((m) => m.startsWith('"#ff6b6b80"')), hexMismatches(anyAlpha).join("; "));
 });
 
 test("readableInk picks black on light colours and white on dark ones", () => {
