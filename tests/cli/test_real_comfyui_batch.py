@@ -52,7 +52,8 @@ def _manifest(out):
     try:
         jobs = {r[0]: {"state": r[1], "attempts": r[2], "outputs": json.loads(r[3] or "[]"), "target": r[4]}
                 for r in db.execute("SELECT job, state, attempts, outputs, target FROM jobs")}
-        bid = json.loads(db.execute("SELECT value FROM meta WHERE key = 'batch_id'").fetchone()[0])
+        row = db.execute("SELECT value FROM meta WHERE key = 'batch_id'").fetchone()
+        bid = json.loads(row[0]) if row else None  # None while the first run is still writing its header
         return jobs, bid
     finally:
         db.close()

@@ -252,8 +252,11 @@ def test_comfyui_text_encoder_loader_reads_a_file_flux2kit_quantize_wrote(quanti
     MISTRAL3_24B, and the sizes come through ComfyUI's own option for them (``mistral3_24b_model_config``).
     """
     config, path = quantized_mistral
+    # no digits: ComfyUI builds the tokenizer from the tekken.json inside the file, whose pattern splits numbers
+    # into single digits; the tiny Hugging Face tokenizer the file was made from merges " 1" (the real
+    # tokenizer.json and tekken.json agree, the tiny pair does not)
     err, info = check_comfyui_reads_our_text_encoder(tmp_path, path, config,
-                                                     "A red fox sitting in a snowy forest, café, 1234 — 你好")
+                                                     "A red fox sitting in a snowy forest, café — 你好")
     print(f"ComfyUI vs flux2kit on the quantized text encoder: relative error {err:.2e}")
     assert info["by_width"] == "TEModel.LLAMA3_8"  # what the unmodified loader takes this file for
 
