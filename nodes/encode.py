@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..pipelines.errors import Flux2KitError
+from ..pipelines.generation.conditioning import to_core_conditioning
 from ..pipelines.generation.references import encode_references, split_images
 from ..pipelines.generation.request import warn_reference_count
 from ..pipelines.parameters import MAX_REFERENCES, MEGAPIXEL, RECOMMENDED_REFERENCES
@@ -129,4 +130,31 @@ class ReferenceEncode(io.ComfyNode):
         return io.NodeOutput(refs)
 
 
-NODES = [TextEncode, ReferenceEncode]
+class ToCoreConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Flux2KitToCoreConditioning",
+            display_name="FLUX.2 Conditioning to Core (flux2kit)",
+            category=CATEGORY,
+            description="FLUX.2 Text Encode's conditioning as ComfyUI's CONDITIONING, for core conditioning nodes "
+                        "(Reference Latent, FluxGuidance, ...) feeding FLUX.2 Sampler. Core's FLUX.2 model pads it "
+                        "the same way, so the picture does not change.",
+            inputs=[Conditioning.Input("conditioning", tooltip="From FLUX.2 Text Encode.")],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="The prompt's embeddings as CONDITIONING."),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="[klein]: the empty prompt's embeddings (FLUX.2 [klein] base guides "
+                                               "against them); [dev]: zeros, like core Conditioning Zero Out."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, conditioning) -> io.NodeOutput:
+        negative = getattr(conditioning, "negative", None)
+        if negative is None:
+            negative = torch.zeros_like(conditioning.embeds)
+        return io.NodeOutput(to_core_conditioning(conditioning.embeds), to_core_conditioning(negative))
+
+
+NODES = [TextEncode, ReferenceEncode, ToCoreConditioning]

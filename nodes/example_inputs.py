@@ -3,9 +3,10 @@
 The PNG files ship in ``workflows/example_inputs/`` (licence: README.md there); ``draw`` makes each one
 from flat shapes, so anyone can check that nothing third-party is in them (a test redraws them and
 compares pixels). When ComfyUI loads the pack, ``install`` copies the ones missing from the input
-folder, so the reference workflows open with their images instead of red LoadImage nodes; a file the
-user already has under that name is never overwritten. Standard library only, apart from Pillow in
-``draw``: no engine, no ComfyUI.
+folder, so the reference and editing workflows open with their images instead of red LoadImage nodes; a
+file the user already has under that name is never overwritten. ``flux2kit run`` reads ``FOLDER / name``
+when its input folder lacks an example, and ``flux2kit run --server`` uploads it to a server that lacks it.
+Standard library only, apart from Pillow in ``draw``: no engine, no ComfyUI.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ import shutil
 from pathlib import Path
 
 FOLDER = Path(__file__).resolve().parents[1] / "workflows" / "example_inputs"
-NAMES = ("flux2kit_person.png", "flux2kit_jacket.png", "flux2kit_street.png")
-SIZE = (256, 320)  # small (a few KB each); the reference encoders scale them as they scale any image
+# Reference workflows: person, jacket, street. Editing workflows: the cottage (image_to_image, outpaint), the
+# cottage with a transparent hole (inpaint: Load Image's MASK is 1 - alpha), teapot and pattern (the cached
+# references of multi_reference_cached).
+NAMES = ("flux2kit_person.png", "flux2kit_jacket.png", "flux2kit_street.png", "flux2kit_cottage.png",
+         "flux2kit_cottage_inpaint.png", "flux2kit_teapot.png", "flux2kit_pattern.png")
+SIZE = (256, 320)  # the reference pictures: small (a few KB each); the reference encoders scale them as any image
+LANDSCAPE = (384, 256)  # the editing start images: sides multiples of 16, so VAE Encode crops nothing
+SQUARE = (256, 256)
 LICENCE = "Apache-2.0 (flux2kit); drawn by flux2kit's nodes/example_inputs.py, no third-party material"
 
 
@@ -38,9 +45,13 @@ def draw(name: str):
     """The example image ``name`` as a PIL image, drawn from shapes (the shipped file holds exactly these pixels)."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", SIZE, (0, 0, 0))
+    if name == "flux2kit_cottage_inpaint.png":
+        return _cottage_with_hole()
+    size = {"flux2kit_cottage.png": LANDSCAPE, "flux2kit_teapot.png": SQUARE, "flux2kit_pattern.png": SQUARE}.get(name, SIZE)
+    image = Image.new("RGB", size, (0, 0, 0))
     pen = ImageDraw.Draw(image)
-    {"flux2kit_person.png": _person, "flux2kit_jacket.png": _jacket, "flux2kit_street.png": _street}[name](pen)
+    {"flux2kit_person.png": _person, "flux2kit_jacket.png": _jacket, "flux2kit_street.png": _street,
+     "flux2kit_cottage.png": _cottage, "flux2kit_teapot.png": _teapot, "flux2kit_pattern.png": _pattern}[name](pen)
     return image
 
 
@@ -99,3 +110,59 @@ def _street(pen) -> None:
             for wy in range(top + 12, 230, 28):
                 pen.rectangle((x + 8, wy, x + 18, wy + 12), fill=(255, 220, 140))
                 pen.rectangle((x + 24, wy, x + 34, wy + 12), fill=(255, 220, 140))
+
+
+def _cottage(pen) -> None:
+    """A cottage on green hills at dusk (384 x 256): the start image of image_to_image and outpaint."""
+    width, height = LANDSCAPE
+    top, bottom = (70, 130, 200), (250, 200, 150)
+    for y in range(height):  # the sky: a vertical gradient
+        t = y / (height - 1)
+        pen.line((0, y, width - 1, y), fill=tuple(int(a * (1 - t) + b * t) for a, b in zip(top, bottom)))
+    pen.ellipse((290, 30, 340, 80), fill=(255, 236, 170))  # sun
+    pen.polygon([(0, 190), (90, 150), (200, 180), (300, 140), (384, 170), (384, 256), (0, 256)], fill=(70, 130, 60))
+    pen.polygon([(0, 220), (120, 195), (260, 215), (384, 200), (384, 256), (0, 256)], fill=(95, 160, 70))
+    pen.rectangle((130, 140, 250, 215), fill=(225, 205, 170), outline=(90, 70, 50), width=2)  # walls
+    pen.polygon([(120, 142), (190, 92), (260, 142)], fill=(160, 50, 40), outline=(90, 30, 25))  # roof
+    pen.rectangle((178, 170, 202, 215), fill=(110, 70, 40))  # door
+    pen.rectangle((145, 160, 168, 182), fill=(250, 230, 120), outline=(90, 70, 50), width=2)  # windows
+    pen.rectangle((212, 160, 235, 182), fill=(250, 230, 120), outline=(90, 70, 50), width=2)
+    pen.rectangle((222, 100, 236, 128), fill=(120, 110, 100))  # chimney
+    for x in (40, 330):  # trees
+        pen.rectangle((x - 4, 175, x + 4, 205), fill=(90, 60, 30))
+        pen.ellipse((x - 22, 135, x + 22, 185), fill=(40, 100, 45))
+
+
+HOLE = (296, 120, 364, 212)  # the inpaint example's transparent rectangle (inclusive): over the right-hand tree
+
+
+def _cottage_with_hole():
+    """The cottage, RGBA, transparent over the right-hand tree: Load Image's MASK (1 - alpha) repaints it."""
+    from PIL import Image, ImageDraw
+
+    image = draw("flux2kit_cottage.png").convert("RGBA")
+    alpha = Image.new("L", image.size, 255)
+    ImageDraw.Draw(alpha).rectangle(HOLE, fill=0)
+    image.putalpha(alpha)
+    return image
+
+
+def _teapot(pen) -> None:
+    """A plain blue teapot on a light background: reference image 1 of the multi-reference edit."""
+    pen.rectangle((0, 0, 255, 255), fill=(236, 232, 224))
+    pen.ellipse((60, 90, 196, 210), fill=(70, 110, 170), outline=(30, 50, 90), width=3)  # body
+    pen.ellipse((108, 70, 148, 96), fill=(70, 110, 170), outline=(30, 50, 90), width=3)  # lid
+    pen.ellipse((121, 58, 135, 72), fill=(30, 50, 90))  # knob
+    pen.polygon([(190, 130), (236, 104), (240, 112), (196, 160)], fill=(70, 110, 170), outline=(30, 50, 90))  # spout
+    pen.arc((24, 110, 84, 180), 90, 270, fill=(30, 50, 90), width=8)  # handle
+
+
+def _pattern(pen) -> None:
+    """A colourful tile pattern: reference image 2 of the multi-reference edit (the teapot's new glaze)."""
+    pen.rectangle((0, 0, 255, 255), fill=(250, 245, 235))
+    colours = [(220, 70, 60), (240, 180, 40), (40, 150, 120), (60, 90, 190)]
+    for row in range(8):
+        for col in range(8):
+            x, y = col * 32, row * 32
+            pen.ellipse((x + 4, y + 4, x + 28, y + 28), fill=colours[(row + col) % 4])
+            pen.rectangle((x + 13, y + 13, x + 19, y + 19), fill=(250, 245, 235))

@@ -82,7 +82,10 @@ class TransformerLoader(io.ComfyNode):
                                        "guidance input is ignored). base: about 50 steps, classifier-free guidance "
                                        "against an empty prompt, scale = guidance. Both have identical tensors, so auto "
                                        "uses what the file or folder says (model_index.json) and otherwise asks you to "
-                                       "pick; files named ...klein-base... are base."),
+                                       "pick; files named ...klein-base... are base. kv: FLUX.2 [klein] 9B KV "
+                                       "(distilled; its references attend only to themselves, so their K/V are "
+                                       "cached: see the Sampler's reference_cache); auto finds it in its diffusers "
+                                       "folder."),
             ],
             outputs=[Transformer.Output(display_name="transformer", tooltip="The loaded FLUX.2 transformer.")],
             hidden=[io.Hidden.unique_id],

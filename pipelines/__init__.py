@@ -42,6 +42,9 @@ _EXPORTS = {
     "generate": "generation.generate", "sample": "generation.generate", "decode": "generation.generate",
     "encode_references": "generation.references", "References": "generation.references",
     "Cancelled": "generation.sampling",
+    # editing and core ComfyUI conditioning
+    "Edit": "generation.editing", "encode_start": "generation.editing",
+    "read_core_conditioning": "generation.conditioning",
 }
 __all__ = sorted(_EXPORTS)
 

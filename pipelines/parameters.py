@@ -22,10 +22,17 @@ MAX_SEED = 2**64 - 1
 BATCH_RANGE = (1, 16)
 MAX_REFERENCES = 10
 MAX_TEXT_TOKENS = 512  # FLUX.2 reads at most this many prompt tokens (chat markup included)
+# Editing: denoise as ComfyUI's KSampler means it (docs/parameters.md, "Editing").
+DENOISE_RANGE = (0.0, 1.0)
+FULL_DENOISE = 0.9999  # above this, KSampler runs the plain schedule (no truncation)
+# The longest schedule a denoise value may ask for: FLUX.2's timesteps are sigma x 1000, so a longer
+# schedule's steps are finer than the model's own timestep resolution.
+MAX_SCHEDULE_STEPS = 1000
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 RECOMMENDED_REFERENCES = {"dev": 6, "klein": 4}
 # [klein] distilled and base have identical tensors: which one a file holds is read from it or set here.
-KLEIN_MODES = ("auto", "distilled", "base")
+# "kv" is FLUX.2 [klein] 9B KV: distilled, with references that attend only to themselves (cacheable).
+KLEIN_MODES = ("auto", "distilled", "base", "kv")
 DEFAULTS = {  # per model (docs/parameters.md); [klein] distilled runs without guidance
     "dev": {"num_inference_steps": 28, "guidance": 4.0},
     "klein-distilled": {"num_inference_steps": 4, "guidance": 1.0},
@@ -127,3 +134,26 @@ def make_noise(seed: int, batch_size: int, width: int, height: int, channels: in
         g = torch.Generator("cpu").manual_seed((seed + i) % 2**64)
         out.append(torch.randn(shape, generator=g, dtype=torch.float32))
     return torch.cat(out, dim=0)
+
+
+def check_denoise(num_inference_steps: int, denoise: float) -> None:
+    """``denoise`` in [0, 1], and (when above 0) large enough that its schedule has at most 1000 steps."""
+    if not isinstance(denoise, (int, float)) or denoise != denoise or not DENOISE_RANGE[0] <= denoise <= DENOISE_RANGE[1]:
+        raise Flux2KitError(f"denoise must be {DENOISE_RANGE[0]:g}-{DENOISE_RANGE[1]:g}, got {denoise}: 1 repaints "
+                            "everything from noise, 0 returns the start image unchanged.")
+    if 0 < denoise <= FULL_DENOISE and int(num_inference_steps / denoise) > MAX_SCHEDULE_STEPS:
+        least = num_inference_steps / MAX_SCHEDULE_STEPS
+        raise Flux2KitError(
+            f"denoise {denoise:g} is so small that no step would change the image: with {num_inference_steps} "
+            f"steps it asks for a schedule of {int(num_inference_steps / denoise)} steps, finer than FLUX.2's 1000 "
+            f"timesteps. Use denoise 0 to return the start image unchanged, or at least {least:g}."
+        )
+
+
+def schedule_length(num_inference_steps: int, denoise: float) -> int:
+    """ComfyUI's KSampler rule: ``steps`` steps run on a schedule of int(steps / denoise) steps (0: nothing runs)."""
+    if denoise <= 0:
+        return 0
+    if denoise > FULL_DENOISE:
+        return num_inference_steps
+    return int(num_inference_steps / denoise)

@@ -61,6 +61,7 @@ class TransformerCheckpoint:
     source: str = ""
     distilled: bool | None = None  # [klein]: what the file says (None: it does not say)
     distilled_from: str = ""  # where ``distilled`` was read
+    reference_kv: bool = False  # [klein] 9B KV, by its diffusers folder's pipeline class (Flux2KleinKVPipeline)
 
     @property
     def family(self) -> str:
@@ -194,17 +195,38 @@ def read_distilled(path: str, files: TensorFile) -> tuple[bool | None, str]:
     value = files.metadata.get("is_distilled")
     if value is not None and _parse_flag(value) is not None:
         return _parse_flag(value), f"the safetensors metadata of {files.name}"
-    if os.path.isdir(path):
-        root = path if os.path.isdir(os.path.join(path, "transformer")) else os.path.dirname(os.path.abspath(path))
-        index = os.path.join(root, "model_index.json")
-        try:
-            with open(index, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, ValueError):
-            return None, ""
-        if isinstance(raw, dict) and _parse_flag(raw.get("is_distilled")) is not None:
-            return _parse_flag(raw["is_distilled"]), index
+    raw, index = _model_index(path)
+    if raw is not None and _parse_flag(raw.get("is_distilled")) is not None:
+        return _parse_flag(raw["is_distilled"]), index
     return None, ""
+
+
+KV_PIPELINE = "Flux2KleinKVPipeline"  # the pipeline class of black-forest-labs/FLUX.2-klein-9b-kv
+
+
+def _model_index(path: str) -> tuple[dict | None, str]:
+    """A diffusers folder's model_index.json (parsed) and its path, or (None, "")."""
+    if not os.path.isdir(path):
+        return None, ""
+    root = path if os.path.isdir(os.path.join(path, "transformer")) else os.path.dirname(os.path.abspath(path))
+    index = os.path.join(root, "model_index.json")
+    try:
+        with open(index, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None, ""
+    return (raw, index) if isinstance(raw, dict) else (None, "")
+
+
+def read_reference_kv(path: str) -> bool:
+    """True for FLUX.2 [klein] 9B KV: its tensors are plain [klein] 9B's; only its pipeline class tells it apart."""
+    raw, _ = _model_index(path)
+    return bool(raw) and raw.get("_class_name") == KV_PIPELINE
+
+
+def resolve_reference_kv(ckpt: "TransformerCheckpoint", klein_mode: str = "auto") -> bool:
+    """Whether a [klein] checkpoint runs as the KV model: klein_mode "kv", or "auto" and the folder says so."""
+    return ckpt.family == "klein" and (klein_mode == "kv" or (klein_mode == "auto" and ckpt.reference_kv))
 
 
 def resolve_klein_mode(ckpt: "TransformerCheckpoint", klein_mode: str = "auto") -> bool | None:
@@ -217,12 +239,14 @@ def resolve_klein_mode(ckpt: "TransformerCheckpoint", klein_mode: str = "auto") 
         raise Flux2KitError(f"Unknown klein_mode {klein_mode!r}; use one of {', '.join(KLEIN_MODES)}.")
     if ckpt.family != "klein":
         return None
+    if klein_mode == "kv" or (klein_mode == "auto" and ckpt.reference_kv):
+        return True  # the KV model is distilled (diffusers runs it without guidance)
     if klein_mode == "auto":
         if ckpt.distilled is None:
             raise Flux2KitError(
                 f"{ckpt.files.name} is a FLUX.2 [klein] transformer, and its file does not say whether it is the "
                 "distilled model (4 steps, no guidance) or the base model (about 50 steps, classifier-free guidance): "
-                "their tensors are identical. Pick klein_mode 'distilled' or 'base' in the transformer loader "
+                "their tensors are identical. Pick klein_mode 'distilled' or 'base' (or 'kv' for [klein] 9B KV) in the transformer loader "
                 "(--klein-mode for flux2kit generate); files named ...klein-base... are base, the others distilled."
             )
         return ckpt.distilled
@@ -293,7 +317,8 @@ def inspect_transformer(path: str | os.PathLike) -> TransformerCheckpoint:
     distilled, distilled_from = read_distilled(path, files) if not config["guidance_embeds"] else (None, "")
     return TransformerCheckpoint(files=files, layout=layout, quantization=quantization, prefix=prefix,
                                  config=config, variant=variant, layers=layers, source=path, distilled=distilled,
-                                 distilled_from=distilled_from)
+                                 distilled_from=distilled_from,
+                                 reference_kv=not config["guidance_embeds"] and read_reference_kv(path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ SINGLE_REFERENCE_MAX_PIXELS = 4 * MEGAPIXEL  # BFL's reference code allows ~4 MP
 
 @dataclass
 class References:
-    """Encoded references: tokens (1, N, 128) and their position ids (1, N, 4)."""
+    """Encoded references: tokens (1 or B, N, 128) and their position ids (1, N, 4)."""
 
     tokens: torch.Tensor
     ids: torch.Tensor
@@ -97,7 +97,9 @@ def prepare_reference(image, *, max_pixels: int = MEGAPIXEL, number: int = 1) ->
     left, top = (w - cw) // 2, (h - ch) // 2
     pil = to_rgb(pil.crop((left, top, left + cw, top + ch)))
     arr = np.asarray(pil, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2.0 - 1.0
+    # (1, H, W, 3) permuted, the memory layout diffusers' image processor gives the VAE: the convolutions then
+    # add in the same order, so the latents match to the last bit (see editing.encode_start).
+    return torch.from_numpy(arr).unsqueeze(0).permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
 def split_images(images) -> list:
@@ -144,3 +146,40 @@ def encode_references(vae, images, *, max_pixels: int | None = None, max_count: 
         sizes.append((pixels.shape[-1], pixels.shape[-2]))
     return References(tokens=torch.cat(tokens, dim=1), ids=reference_ids(latent_sizes), sizes=sizes,
                       first_size=first_size)
+
+
+def latent_references(latents: list[torch.Tensor]) -> References | None:
+    """References from FLUX.2 latents (each (1 or B, 128, h, w), e.g. core ReferenceLatent's), numbered in order."""
+    if not latents:
+        return None
+    batch = max(int(lat.shape[0]) for lat in latents)
+    tokens, latent_sizes = [], []
+    for lat in latents:
+        if lat.shape[0] not in (1, batch):
+            raise Flux2KitError(f"Reference latents come in batches of {lat.shape[0]} and {batch}; use one image per "
+                                "reference or the same batch size for all.")
+        b, c, h, w = lat.shape
+        tokens.append(lat.float().reshape(b, c, h * w).permute(0, 2, 1).expand(batch, -1, -1))
+        latent_sizes.append((h, w))
+    sizes = [(16 * w, 16 * h) for h, w in latent_sizes]
+    return References(tokens=torch.cat(tokens, dim=1), ids=reference_ids(latent_sizes), sizes=sizes,
+                      first_size=sizes[0])
+
+
+def join_references(*parts: References | None) -> References | None:
+    """One set of references from several, numbered 1..N in the order given (T = 10, 20, ...)."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    batch = max(int(p.tokens.shape[0]) for p in parts)
+    for p in parts:
+        if p.tokens.shape[0] not in (1, batch):
+            raise Flux2KitError(f"References come in batches of {p.tokens.shape[0]} and {batch}; use one image per "
+                                "reference or the same batch size for all.")
+    like = parts[0].tokens
+    tokens = torch.cat([p.tokens.to(like).expand(batch, -1, -1) for p in parts], dim=1)
+    sizes = [size for p in parts for size in p.sizes]
+    return References(tokens=tokens, ids=reference_ids([(h // 16, w // 16) for w, h in sizes]), sizes=sizes,
+                      first_size=parts[0].first_size)

@@ -6,9 +6,11 @@ and call :meth:`GenerationRequest.check` before anything heavy runs; the result,
 loaded models fit the request (the text encoder belongs to the transformer) is
 :meth:`CheckedRequest.check_models`.
 
-Order of the checks: the prompt (empty only with references), "image N" in the prompt against the
-references, each reference (size, aspect), the output size, the ranges (steps, guidance, seed,
-batch), then the models.
+Order of the checks: the prompt (empty only with references or a start image), "image N" in the
+prompt against the references (the start image counts as image 1 when it is used as a reference),
+each reference (size, aspect), the start image (size, at most 4 MP), the mask (needs a start image,
+the start image's aspect), denoise, the edit options and reference cache, the output size (a start image's wins), the
+ranges (steps, guidance, seed, batch), then the models.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from ..errors import Flux2KitError
-from ..parameters import DEFAULTS, RECOMMENDED_REFERENCES, check_generation, resolve_size
+import torch
+
+from ..parameters import DEFAULTS, MAX_SIDE, RECOMMENDED_REFERENCES, check_denoise, check_generation, resolve_size
 from ..prompting.json_prompt import check_reference_mentions
+from .editing import MASK_MODES, check_start_size, crop_to_multiple, edit_batch_size, fit_mask, image_tensor
+from .reference_cache import REFERENCE_CACHE_MODES
 from .references import check_reference, split_images, to_pil
 
 log = logging.getLogger("flux2kit")
@@ -52,19 +58,63 @@ class GenerationRequest:
     seed: int = 0
     batch_size: int = 1
     reference_max_pixels: int | None = None  # None: 1 MP each (a single reference may be allowed up to 4 MP)
+    # Editing (local only: the hosted models edit through references).
+    start_image: object = None  # image-to-image / inpaint: an IMAGE (batch), PIL image or array to start from
+    mask: object = None  # inpaint: a MASK, PIL "L" image or array, 1 (white) = repaint; the start image's aspect
+    denoise: float = 1.0  # ComfyUI KSampler's: the steps run on the schedule of int(steps / denoise) steps
+    source_as_reference: bool = True  # the start image is also reference image 1 (diffusers' inpaint pipeline)
+    paste_back: bool = True  # outside the mask, the result is the start image's own pixels
+    mask_mode: str = "binary"  # "binary" (diffusers) or "soft" (feathered masks blend)
+    crop_margin: int = 0  # > 0: sample only the mask's box plus this many pixels, then stitch
+    reference_cache: str = "auto"  # "auto", "off", "approximate" (generation/reference_cache.py)
 
     def check(self) -> CheckedRequest:
         """Every check of the inputs alone, in one order; the request with its size resolved."""
         images = split_images(self.images)
-        check_prompt_or_images(self.prompt, images)
-        check_reference_mentions(self.prompt, len(images))  # 'image 5' with 2 references: a clear error
+        start = image_tensor(self.start_image) if self.start_image is not None else None
+        check_prompt_or_images(self.prompt, images, start is not None)
+        source = int(start is not None and self.source_as_reference)
+        check_reference_mentions(self.prompt, len(images) + source)  # 'image 5' with 2 references: a clear error
         pils = [to_pil(image) for image in images]
         for number, pil in enumerate(pils, start=1):
             check_reference(pil, number)
-        width, height = resolve_size(self.aspect_ratio, self.resolution, self.width or None, self.height or None,
-                                     pils[0].size if pils else None)
+        mask = self._check_edit(start)
+        if start is not None:
+            start = crop_to_multiple(start)
+            height, width = start.shape[1:3]
+            edit_batch_size(start.shape[0], self.batch_size)
+        else:
+            width, height = resolve_size(self.aspect_ratio, self.resolution, self.width or None,
+                                         self.height or None, pils[0].size if pils else None)
         check_generation(self.num_inference_steps, self.guidance, self.seed, self.batch_size)
-        return CheckedRequest(replace(self, images=tuple(images)), width, height)
+        if mask is not None:  # at the start image's size as given: the same crop
+            mask = crop_to_multiple(mask.unsqueeze(-1)).squeeze(-1)
+        return CheckedRequest(replace(self, images=tuple(images)), width, height, start=start, mask=mask)
+
+    def _check_edit(self, start: torch.Tensor | None):
+        """The start image's size, the mask's presence and aspect, denoise and the edit options."""
+        mask = None
+        if start is not None:
+            h, w = start.shape[1:3]
+            check_start_size((w // 16) * 16, (h // 16) * 16)
+        if self.mask is not None:
+            if start is None:
+                raise Flux2KitError("A mask needs a start image to repaint: give the image the mask belongs to "
+                                    "(--start-image on the command line, the start_image input in ComfyUI).")
+            h, w = start.shape[1:3]
+            mask = fit_mask(self.mask, w, h)  # its aspect against the image as given (before the crop)
+        check_denoise(self.num_inference_steps, self.denoise)
+        if self.denoise < 1 and start is None:
+            raise Flux2KitError(f"denoise {self.denoise:g} needs a start image: below 1 it keeps part of the "
+                                "start image. Give one, or set denoise to 1.")
+        if self.mask_mode not in MASK_MODES:
+            raise Flux2KitError(f"Unknown mask_mode {self.mask_mode!r}; use one of {', '.join(MASK_MODES)}.")
+        if not 0 <= self.crop_margin <= MAX_SIDE:
+            raise Flux2KitError(f"crop_margin must be 0-{MAX_SIDE} pixels, got {self.crop_margin}.")
+        if self.reference_cache not in REFERENCE_CACHE_MODES:
+            raise Flux2KitError(f"Unknown reference_cache {self.reference_cache!r}; use one of "
+                                f"{', '.join(REFERENCE_CACHE_MODES)}.")
+        return mask
 
 
 @dataclass(frozen=True)
@@ -74,6 +124,8 @@ class CheckedRequest:
     request: GenerationRequest
     width: int
     height: int
+    start: torch.Tensor | None = None  # the start image centre-cropped to multiples of 16: IMAGE (B, H, W, 3)
+    mask: torch.Tensor | None = None  # the mask at the start image's size (B, H, W), 1 = repaint
     warnings: list = field(default_factory=list)
 
     @property
@@ -95,9 +147,9 @@ class CheckedRequest:
                 self.warnings.append(warning)
 
 
-def check_prompt_or_images(prompt: str, images: list) -> None:
-    """An empty prompt is allowed only with reference images."""
-    if not prompt.strip() and not images:
+def check_prompt_or_images(prompt: str, images: list, start: bool = False) -> None:
+    """An empty prompt is allowed only with reference images or a start image."""
+    if not prompt.strip() and not images and not start:
         raise Flux2KitError("The prompt is empty and no reference image is given: write a prompt or give a reference "
                             "image (on the command line: --prompt TEXT or --image PATH).")
 

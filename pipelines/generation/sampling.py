@@ -1,4 +1,6 @@
-"""Sampling: FLUX.2's schedule, position ids, and the flow-matching Euler loop (``denoise``)."""
+"""Sampling: FLUX.2's schedule (truncated by ``denoise`` as ComfyUI's KSampler does), position ids, and the
+flow-matching Euler loop (``denoise``), which starts from noise or from a noised start image and keeps the
+unmasked area of an inpaint from the start image at every step."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import Flux2KitError
+from ..parameters import schedule_length
 
 
 class Cancelled(Exception):
@@ -41,6 +43,20 @@ def get_schedule(num_steps: int, image_seq_len: int) -> torch.Tensor:
     return torch.cat([sigmas, torch.zeros(1)])
 
 
+def denoise_schedule(num_steps: int, denoise: float, image_seq_len: int) -> torch.Tensor:
+    """Sigmas (num_steps + 1,) for ``num_steps`` steps at strength ``denoise``, with ComfyUI KSampler's meaning.
+
+    The schedule is FLUX.2's for int(num_steps / denoise) steps (its mu from that count), and sampling
+    starts where it has ``num_steps`` steps left; denoise 1 is the plain schedule. Denoise 0 gives an empty
+    schedule (nothing runs). diffusers' img2img pipelines reach the same sigmas with N = int(steps /
+    denoise) and strength = (steps - 0.5) / N.
+    """
+    total = schedule_length(num_steps, denoise)
+    if total == 0:
+        return torch.zeros(0)
+    return get_schedule(total, image_seq_len)[-(num_steps + 1):]
+
+
 def text_ids(batch_size: int, length: int) -> torch.Tensor:
     """(B, L, 4): text token l sits at (0, 0, 0, l)."""
     ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length))
@@ -68,83 +84,68 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-def _batch(embeds: torch.Tensor, b: int) -> torch.Tensor:
-    return embeds if embeds.shape[0] == b else embeds.expand(b, -1, -1)
-
-
 def denoise(
     transformer,
     noise: torch.Tensor,
-    prompt_embeds: torch.Tensor,
+    positive,
     *,
-    num_steps: int,
+    sigmas: torch.Tensor,
     guidance: float | None,
-    references=None,
-    negative_embeds: torch.Tensor | None = None,
+    negative=None,
+    embedded_guidance: float | None | str = "same",
+    start: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Run the flow-matching Euler loop from ``noise`` (B, 128, h, w); returns latents of the same shape.
+    """Run the flow-matching Euler loop over ``sigmas``; returns latents shaped like ``noise`` (B, 128, h, w).
 
-    ``prompt_embeds`` is (1 or B, L, D). ``references`` (tokens and ids) are appended after the
-    image tokens and cut off the output. ``callback(step, total, denoised)`` runs after each step
-    with the model's current estimate of the clean latents (B, 128, h, w), for previews;
-    ``should_cancel()`` is checked before every step.
+    ``positive`` (and ``negative``, for classifier-free guidance) are :class:`~.passes.ModelPass`es:
+    one conditioning each, with its references. Without ``start`` the loop starts from ``noise``;
+    with it (clean latents, 1 or B) from ``sigmas[0] * noise + (1 - sigmas[0]) * start``, as diffusers'
+    ``scale_noise`` and ComfyUI's ``noise_scaling`` do. ``mask`` (1 or B, 1, h, w; 1 = repaint) keeps the
+    rest from ``start``: after each step it is reset to ``start`` noised to the next sigma with the same
+    noise (exactly ``start`` after the last step), as diffusers' FLUX.2 inpaint pipeline does.
 
-    Guidance by model: [dev] embeds ``guidance`` in the transformer; [klein] distilled ignores it;
-    [klein] base runs classifier-free guidance with scale ``guidance`` against ``negative_embeds``
-    (the empty prompt), as diffusers' Flux2KleinPipeline does: only when the scale is above 1, with
-    a separate unconditional pass, ``uncond + scale * (cond - uncond)``.
+    ``callback(step, total, denoised)`` runs after each step with the model's current estimate of the
+    clean latents, for previews; ``should_cancel()`` is checked before every step. With ``negative``
+    the velocity is ``uncond + guidance * (cond - uncond)`` ([klein] base, as diffusers does). [dev] embeds
+    ``embedded_guidance`` (by default ``guidance``; None leaves the guidance embedding out, as core ComfyUI's
+    FluxDisableGuidance does).
     """
-    device, dtype = transformer.device, transformer.dtype
+    device = transformer.device
     b, _, h, w = noise.shape
-    if prompt_embeds.shape[-1] != transformer.text_width:
-        raise Flux2KitError(
-            f"The prompt embeddings are {prompt_embeds.shape[-1]} wide but this transformer expects {transformer.text_width}: "
-            "the text encoder does not belong to this model. FLUX.2 [dev] needs the Mistral-Small-3 text encoder, "
-            "FLUX.2 [klein] the Qwen3 encoder of its size."
-        )
-    text = _batch(prompt_embeds.to(device, dtype), b)
-    cfg = bool(getattr(transformer, "uses_cfg", False)) and guidance is not None and guidance > 1.0
-    negative = None
-    if cfg:
-        if negative_embeds is None:
-            raise Flux2KitError(
-                "FLUX.2 [klein] base needs the empty prompt's embeddings for classifier-free guidance; encode the "
-                "prompt with the model's Qwen3 text encoder (FLUX.2 Text Encode adds them)."
-            )
-        negative = _batch(negative_embeds.to(device, dtype), b)
-    t_ids = text_ids(b, text.shape[1]).to(device)
-    neg_ids = text_ids(b, negative.shape[1]).to(device) if negative is not None else None
-    img_ids = latent_ids(b, h, w).to(device)
-    ref_tokens = None
-    if references is not None:
-        ref_tokens = references.tokens.to(device, dtype).expand(b, -1, -1)
-        img_ids = torch.cat([img_ids, references.ids.to(device).expand(b, -1, -1)], dim=1)
-    n_img = h * w
-    sigmas = get_schedule(num_steps, n_img).to(device)
+    num_steps = len(sigmas) - 1
+    sigmas = sigmas.to(device)
+    embedded = guidance if embedded_guidance == "same" else embedded_guidance
     g = None
-    if guidance is not None and transformer.guidance_embeds:
-        g = torch.full((b,), float(guidance), device=device, dtype=torch.float32)
+    if embedded is not None and transformer.guidance_embeds:
+        g = torch.full((b,), float(embedded), device=device, dtype=torch.float32)
+    img_ids = latent_ids(b, h, w).to(device)
 
-    latents = pack(noise.to(device, torch.float32))
+    noise = pack(noise.to(device, torch.float32))
+    clean = pack(start.to(device, torch.float32)).expand(b, -1, -1) if start is not None else None
+    keep = pack(mask.to(device, torch.float32)).expand(b, -1, -1) if mask is not None else None
+    latents = noise if clean is None else sigmas[0] * noise + (1.0 - sigmas[0]) * clean
     with torch.inference_mode():
         for i in range(num_steps):
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"cancelled before step {i + 1} of {num_steps}")
-            x = latents.to(dtype)
-            if ref_tokens is not None:
-                x = torch.cat([x, ref_tokens], dim=1)
             # The model sees the timestep as the scheduler stores it: sigma * 1000, divided back.
-            sigma = ((sigmas[i] * 1000.0) / 1000.0).expand(b).to(dtype)
-            v = transformer(x, img_ids, text, t_ids, sigma, g)[:, :n_img]
+            sigma = ((sigmas[i] * 1000.0) / 1000.0).expand(b).to(transformer.dtype)
+            x = latents.to(transformer.dtype)
+            v = positive(x, img_ids, sigma, g, i)
             if negative is not None:
-                v_neg = transformer(x, img_ids, negative, neg_ids, sigma, g)[:, :n_img]
+                v_neg = negative(x, img_ids, sigma, g, i)
                 v = v_neg + guidance * (v - v_neg)
             v = v.float()
             if callback is not None:
                 denoised = latents - sigmas[i] * v  # flow matching: x0 = x_t - sigma * v
             latents = latents + (sigmas[i + 1] - sigmas[i]) * v
+            if keep is not None:
+                last = i == num_steps - 1
+                kept = clean if last else sigmas[i + 1] * noise + (1.0 - sigmas[i + 1]) * clean
+                latents = (1 - keep) * kept + keep * latents
             if callback is not None:
                 callback(i + 1, num_steps, unpack(denoised, h, w))
     return unpack(latents, h, w)

@@ -396,6 +396,22 @@ def _make_hook(bindings: list[Binding]):
     return hook
 
 
+class _Same:
+    """A part of a cache key equal only to a key holding the same object (which it keeps alive meanwhile, so its
+    id is not reused)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
 @dataclass
 class LoraTransformer:
     """A FLUX.2 transformer with a stack of LoRAs: the same base model, adapters active only while it runs.
@@ -448,6 +464,14 @@ class LoraTransformer:
     def __call__(self, *args, **kwargs):
         with self.active():
             return self.base(*args, **kwargs)
+
+    def cache_key(self) -> tuple:
+        """The base's key and this stack's active LoRAs (file, strength, factors, merge mode), so results computed
+        from the weights (kept reference K/V) are never shared between variants of one base."""
+        stack = tuple((_Same(e.lora), e.strength, e.double_blocks, e.single_blocks, e.merge, e.rounding)
+                      for e in self.stack if e.active)
+        stochastic = any(e.merge and e.rounding == "stochastic" for e in self.stack if e.active)
+        return (self.base.cache_key(), stack, _Same(self.merged) if stochastic else None)  # random rounding: own
 
     @contextlib.contextmanager
     def active(self):

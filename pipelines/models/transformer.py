@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import Flux2Transformer2DModel
@@ -31,6 +31,7 @@ from ..files.transformer_checkpoint import (
     map_bfl_key,
     map_diffusers_key,
     resolve_klein_mode,
+    resolve_reference_kv,
 )
 from .fp8_linear import WEIGHT_MODES, FP8Linear
 from .gguf_linear import gguf_module_for
@@ -55,6 +56,14 @@ class Flux2Transformer:
     dtype: torch.dtype
     offload: BlockOffload | None = None
     distilled: bool | None = None  # [klein]: True = distilled (no guidance), False = base (CFG); [dev]: None
+    reference_kv: bool = False  # FLUX.2 [klein] 9B KV: references attend only to themselves (their K/V cacheable)
+    # Results computed from the weights (e.g. cached reference K/V), keyed with cache_key(); dropped when it moves.
+    caches: dict = field(default_factory=dict, repr=False)
+
+    def cache_key(self) -> tuple:
+        """What identifies the weights for caches of computed results. Whatever changes the weights in place
+        (LoRA adapters and their strengths) must change this key."""
+        return (id(self.model), str(self.device), str(self.dtype))
 
     @property
     def family(self) -> str:
@@ -71,6 +80,7 @@ class Flux2Transformer:
         """For messages: "FLUX.2 [dev]", "FLUX.2 [klein] 4B distilled", ..."""
         size = {"klein-4b": " 4B", "klein-9b": " 9B"}.get(self.variant, "")
         mode = "" if self.distilled is None else (" distilled" if self.distilled else " base")
+        mode = " KV" if self.reference_kv else mode
         return f"FLUX.2 [{self.family}]{size}{mode}"
 
     def __repr__(self) -> str:  # short: ComfyUI puts node inputs' reprs into its error reports
@@ -103,6 +113,8 @@ class Flux2Transformer:
     def to(self, device: str | torch.device) -> "Flux2Transformer":
         """Move to ``device``; with block offload only the non-block layers move (blocks visit per call)."""
         device = torch.device(device)
+        if device != self.device:
+            self.caches.clear()  # computed on the old device: free that memory with the weights
         if self.offload is None:
             self.model.to(device)
         else:
@@ -117,6 +129,7 @@ class Flux2Transformer:
 
     def release(self) -> None:
         """Drop the weights (the object stays, unusable)."""
+        self.caches.clear()
         self.model = None  # type: ignore[assignment]
         gc.collect()
 
@@ -249,7 +262,7 @@ def load_transformer(
     ``weights="as_stored"`` keeps FP8 layers FP8 and GGUF weights packed in memory (dequantized per call
     into ``dtype``: fp32, bf16 or fp16); ``"dequantize"`` expands them to ``dtype`` at load.
     ``offload_blocks`` keeps the transformer blocks on the CPU and moves each to ``device`` only while
-    it runs (the 32B model on a 24 GB card). ``klein_mode`` ("auto", "distilled", "base") says which
+    it runs (the 32B model on a 24 GB card). ``klein_mode`` ("auto", "distilled", "base", "kv") says which
     [klein] model a file holds when the file itself does not ("auto" then raises); [dev] ignores it.
     """
     if weights not in WEIGHT_MODES:
@@ -292,12 +305,15 @@ def load_transformer(
             offload = BlockOffload(list(model.transformer_blocks) + list(model.single_transformer_blocks),
                                    device=device, storage=storage)
         description = ckpt.description
-        if distilled is not None:
+        reference_kv = resolve_reference_kv(ckpt, klein_mode)
+        if reference_kv:
+            description += ", KV (references cached)"
+        elif distilled is not None:
             description += ", distilled" if distilled else ", base (classifier-free guidance)"
         return Flux2Transformer(
             model=model, checkpoint=description, source=os.fspath(path), variant=ckpt.variant,
             quantization=ckpt.quantization if weights == "as_stored" else "none", device=device, dtype=dtype,
-            offload=offload, distilled=distilled)
+            offload=offload, distilled=distilled, reference_kv=reference_kv)
     except BaseException as exc:
         # Nothing half-loaded stays in memory after a failure, not even through the traceback.
         del model

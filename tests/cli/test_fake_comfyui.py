@@ -78,14 +78,16 @@ def test_the_server_speaks_comfyuis_websocket_protocol(fake_comfyui):
     assert [k for k, _ in run_a[:2]] == ["execution_start", "execution_cached"]
     ran = [d["node"] for k, d in run_a if k == "executing"]
     assert ran[-5:] == ["4", "5", "6", "7", None] and run_a[-2][0] == "execution_success"
-    (text,) = [p for k, p in run_a if k == "binary 3"]
+    # (and the Sampler's: its notes, empty here, which clears an earlier run's notes on the node)
+    text, sampler = [p for k, p in run_a if k == "binary 3"]
     n = struct.unpack(">I", text[:4])[0]
     assert text[4:4 + n] == b"4" and re.fullmatch(rb"\d+ of \d+ tokens", text[4 + n:])
+    assert sampler == struct.pack(">I", 1) + b"5"
     # the second, in ComfyUI's order: the unchanged nodes reported cached, then only the others run
     run_b = describe(raw_b)
     kinds = [k for k, _ in run_b]
     assert kinds == ["execution_start", "execution_cached", "executing", "progress", "binary 1", "progress", "binary 1",
-                     "executing", "executing", "executed", "execution_success", "executing"], kinds
+                     "binary 3", "executing", "executing", "executed", "execution_success", "executing"], kinds
     data = [d for _, d in run_b]
     assert data[1] == {"nodes": ["1", "2", "3", "4"], "prompt_id": b}
     assert [d["node"] for k, d in run_b if k == "executing"] == ["5", "6", "7", None]

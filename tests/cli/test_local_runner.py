@@ -174,10 +174,34 @@ def test_a_missing_model_names_the_loader(comfy, tmp_path):
 
 
 def test_a_missing_input_image_says_where_to_put_it(runner, folders):
-    with pytest.raises(Flux2KitError, match=r"node #5 \(LoadImage\): image 'flux2kit_person.png' is not in the input "
-                                            r"folder .*--image NODE=PATH\. flux2kit's example image is .*"
-                                            r"workflows.example_inputs.flux2kit_person\.png"):
-        runner.run(workflow("three_reference_edit"))
+    from flux2kit.cli.workflow.overrides import apply_overrides
+
+    wf = apply_overrides(workflow("three_reference_edit"), settings=["5.image=my_photo.png"])
+    with pytest.raises(Flux2KitError, match=r"node #5 \(LoadImage\): image 'my_photo.png' is not in the input "
+                                            r"folder .*Put it there, or pass --image NODE=PATH\.$"):
+        runner.run(wf)
+
+
+def test_an_example_image_missing_from_the_input_folder_is_the_shipped_one(comfy, tmp_path):
+    """The shipped workflows' example images (ComfyUI installs them into its input folder) are read from
+    workflows/example_inputs when the input folder lacks them; a file of the user's under that name wins."""
+    from flux2kit.cli.local_runner import LocalRunner
+    from flux2kit.nodes import example_inputs
+
+    (tmp_path / "input").mkdir()
+    mine = np.full((16, 16, 3), (10, 200, 30), dtype=np.uint8)
+    PIL.Image.fromarray(mine).save(tmp_path / "input" / "flux2kit_jacket.png")
+    r = LocalRunner(str(comfy / "models"), str(tmp_path / "out"), input_dir=str(tmp_path / "input"), demo=True,
+                    log=lambda m: None)
+    saved = {}
+    for name in ("flux2kit_person.png", "flux2kit_jacket.png"):
+        (path,) = r.run({"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+                         "2": {"class_type": "Flux2KitSaveImage", "inputs": {
+                             "images": ["1", 0], "filename_prefix": "load", "output_format": "png", "output_quality": 90}}})
+        with PIL.Image.open(path) as im:
+            saved[name] = np.asarray(im.convert("RGB"))
+    assert np.array_equal(saved["flux2kit_person.png"], np.asarray(example_inputs.draw("flux2kit_person.png")))
+    assert np.array_equal(saved["flux2kit_jacket.png"], mine)
 
 
 def test_overrides_are_checked():

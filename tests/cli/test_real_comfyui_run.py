@@ -57,3 +57,41 @@ def test_headless_run_on_the_server(comfyui, tmp_path):
         assert im.size == (64, 80)
     assert sorted(p.name for p in comfyui.input_dir.rglob("local_ref_*.png")) == [
         "local_ref_1.png", "local_ref_2.png", "local_ref_3.png"], "the local references were not uploaded"
+
+
+def test_the_editing_workflows_example_image_on_the_server(comfyui, tmp_path):
+    """``flux2kit run workflows/api/inpaint.json --server URL``: the server has the example image (the pack installed
+    it when ComfyUI loaded it), so nothing is uploaded; once it is gone from the server's input folder, the shipped
+    file is uploaded into input/flux2kit/."""
+    import shutil
+    import subprocess
+    import sys
+
+    name = "flux2kit_cottage_inpaint.png"
+    shipped = REPO / "workflows" / "example_inputs" / name
+    installed = comfyui.input_dir / name
+    assert installed.read_bytes() == shipped.read_bytes()
+    names = comfyui.model_names
+
+    def run(out):
+        cmd = [sys.executable, "-m", "flux2kit.cli", "run", str(WORKFLOWS / "inpaint.json"), "--server", comfyui.url,
+               "--out", str(out), "--steps", "2", "--seed", "9",
+               "--set", f"Flux2KitTransformerLoader.model_name={names['transformer']}",
+               "--set", f"Flux2KitTextEncoderLoader.text_encoder_name={names['text_encoder']}",
+               "--set", f"Flux2KitVAELoader.vae_name={names['vae']}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}\n{comfyui.log_tail()}"
+        from PIL import Image
+
+        with Image.open(sorted(out.rglob("*.png"))[0]) as im:
+            assert im.size == (384, 256)  # the start image's size
+        return proc.stdout + proc.stderr
+
+    assert "Uploaded" not in run(tmp_path / "out1")
+    kept = tmp_path / name
+    shutil.move(installed, kept)
+    try:
+        assert f"as 'flux2kit/{name}'" in run(tmp_path / "out2")
+        assert (comfyui.input_dir / "flux2kit" / name).read_bytes() == shipped.read_bytes()
+    finally:
+        shutil.move(kept, installed)

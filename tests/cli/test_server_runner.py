@@ -92,6 +92,34 @@ def test_server_run_uploads_queues_follows_and_fetches(fake_comfyui, folders, tm
         assert f.read() == first
 
 
+def test_example_images_the_server_lacks_are_uploaded(fake_comfyui, tmp_path):
+    """A shipped workflow names flux2kit's example images by bare name: a ComfyUI with flux2kit has them in its input
+    folder (installed when the pack loads) and uses its own; one without them (an older flux2kit, an emptied input
+    folder; the fake ComfyUI never installs them) gets the shipped file uploaded."""
+    from flux2kit.cli.server_runner import EXAMPLE_INPUTS, ServerRunner
+    from flux2kit.cli.workflow.overrides import apply_overrides
+    from flux2kit.nodes import example_inputs
+
+    assert EXAMPLE_INPUTS == example_inputs.FOLDER  # found by path without ComfyUI's modules: the same folder
+    server, messages = fake_comfyui, []
+    runner = ServerRunner(server.url, str(tmp_path), log=messages.append)
+    assert not (server.root / "input" / "flux2kit_cottage_inpaint.png").exists()
+    runner.run(apply_overrides(workflow("inpaint"), seed=1, steps=2))
+    sent, _ = queued_prompt(server)
+    assert sent["5"]["inputs"]["image"] == "flux2kit/flux2kit_cottage_inpaint.png"
+    shipped = (EXAMPLE_INPUTS / "flux2kit_cottage_inpaint.png").read_bytes()
+    assert (server.root / "input" / "flux2kit" / "flux2kit_cottage_inpaint.png").read_bytes() == shipped
+    assert any(m.startswith("Uploaded ") and m.endswith("as 'flux2kit/flux2kit_cottage_inpaint.png'.") for m in messages)
+    # the server's own file under an example's name is the one used: no upload
+    PIL.Image.new("RGB", (96, 64), (200, 30, 30)).save(server.root / "input" / "flux2kit_cottage.png")
+    messages.clear()
+    (path,) = runner.run(apply_overrides(workflow("image_to_image"), seed=1, steps=2))
+    assert queued_prompt(server)[0]["5"]["inputs"]["image"] == "flux2kit_cottage.png"
+    assert not any(m.startswith("Uploaded ") for m in messages)
+    with PIL.Image.open(path) as im:
+        assert im.size == (96, 64)  # the start LATENT's size: the server's picture, not the shipped 384 x 256
+
+
 def test_server_errors_name_the_node(fake_comfyui, tmp_path):
     from flux2kit.cli.server_runner import ServerRunner
     from flux2kit.cli.workflow.graph import NodeError

@@ -11,7 +11,6 @@ refusing UI files: both normalise API files and POST /prompt bodies the same way
 import json
 import os
 
-import PIL.Image
 import pytest
 
 from flux2kit.pipelines.errors import Flux2KitError
@@ -52,13 +51,13 @@ BAD = {
 
 @pytest.fixture(scope="module")
 def runner(comfy, tmp_path_factory):
-    """An in-process runner whose input folder holds the images the shipped workflows name."""
+    """An in-process runner whose input folder holds the images the shipped workflows name (installed as ComfyUI
+    installs them when the pack loads)."""
     from flux2kit.cli.local_runner import LocalRunner
+    from flux2kit.nodes import example_inputs
 
     root = tmp_path_factory.mktemp("checks")
-    (root / "input").mkdir()
-    for name in ("flux2kit_person.png", "flux2kit_jacket.png", "flux2kit_street.png"):
-        PIL.Image.new("RGB", (32, 32), (10, 20, 30)).save(root / "input" / name)
+    example_inputs.install(str(root / "input"))
     return LocalRunner(str(comfy / "models"), str(root / "out"), input_dir=str(root / "input"), log=lambda m: None)
 
 

@@ -42,14 +42,37 @@ def test_every_image_a_shipped_workflow_names_is_shipped(examples):
         assert (examples.FOLDER / name).is_file(), name
 
 
-@pytest.mark.parametrize("name", ["flux2kit_person.png", "flux2kit_jacket.png", "flux2kit_street.png"])
+NAMES = ["flux2kit_person.png", "flux2kit_jacket.png", "flux2kit_street.png", "flux2kit_cottage.png",
+         "flux2kit_cottage_inpaint.png", "flux2kit_teapot.png", "flux2kit_pattern.png"]
+
+
+def test_the_examples_are_the_ones_the_workflows_need(examples):
+    assert list(examples.NAMES) == NAMES
+    assert sorted(p.name for p in examples.FOLDER.glob("*.png")) == sorted(NAMES)  # nothing else ships there
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_the_shipped_file_is_what_the_code_draws(examples, name):
     path = examples.FOLDER / name
     assert path.stat().st_size <= 8 * 1024, "a few KB each"
+    drawn = examples.draw(name)
     with PIL.Image.open(path) as image:
         assert image.info.get("Copyright") == examples.LICENCE and image.info.get("Software") == "flux2kit"
-        shipped = np.asarray(image.convert("RGB"))
-    assert np.array_equal(shipped, np.asarray(examples.draw(name)))
+        assert image.mode == drawn.mode  # the inpaint example's hole is its transparency
+        shipped = np.asarray(image)
+    assert np.array_equal(shipped, np.asarray(drawn))
+
+
+def test_the_inpaint_example_is_the_cottage_with_a_transparent_hole(examples):
+    """Load Image makes MASK = 1 - alpha: the hole is what the inpaint workflow repaints; the rest is the cottage."""
+    rgba = np.asarray(examples.draw("flux2kit_cottage_inpaint.png"))
+    cottage = np.asarray(examples.draw("flux2kit_cottage.png"))
+    left, top, right, bottom = examples.HOLE
+    hole = np.zeros(cottage.shape[:2], dtype=bool)
+    hole[top:bottom + 1, left:right + 1] = True
+    assert (rgba[..., 3][hole] == 0).all() and (rgba[..., 3][~hole] == 255).all()
+    assert np.array_equal(rgba[..., :3], cottage)
+    assert cottage.shape == (256, 384, 3)  # sides multiples of 16: VAE Encode crops nothing
 
 
 def test_the_licence_is_stated(examples):
@@ -61,7 +84,7 @@ def test_the_licence_is_stated(examples):
 def test_install_copies_what_is_missing_and_keeps_the_users_files(examples, tmp_path):
     mine = PIL.Image.new("RGB", (8, 8), (1, 2, 3))
     mine.save(tmp_path / "flux2kit_jacket.png")  # the user's own picture under that name
-    assert examples.install(str(tmp_path)) == ["flux2kit_person.png", "flux2kit_street.png"]
+    assert examples.install(str(tmp_path)) == [n for n in NAMES if n != "flux2kit_jacket.png"]
     assert (tmp_path / "flux2kit_person.png").read_bytes() == (examples.FOLDER / "flux2kit_person.png").read_bytes()
     with PIL.Image.open(tmp_path / "flux2kit_jacket.png") as kept:
         assert kept.size == (8, 8)

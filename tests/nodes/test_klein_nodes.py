@@ -57,7 +57,7 @@ def _load(nodes, **kw):
 def test_loader_schema_has_an_optional_klein_mode(klein_nodes):
     schema = klein_nodes["Flux2KitTransformerLoader"].define_schema()
     inp = {i.id: i for i in schema.inputs}["klein_mode"]
-    assert inp.optional and inp.options == ["auto", "distilled", "base"] and inp.default == "auto"
+    assert inp.optional and inp.options == ["auto", "distilled", "base", "kv"] and inp.default == "auto"
     assert "distilled" in inp.tooltip and "base" in inp.tooltip
     guidance = {i.id: i for i in klein_nodes["Flux2KitSampler"].define_schema().inputs}["guidance"]
     assert "[klein] distilled: ignored" in guidance.tooltip

@@ -59,10 +59,10 @@ def test_sampler_with_a_lora_and_with_it_switched_off(nodes, models, shown):
     c = nodes["Flux2KitTextEncode"].execute(text_encoder=te, prompt="tinystyle, a red fox").result[0]
     plain = nodes["Flux2KitSampler"].execute(transformer=t, conditioning=c, **GEN).result[0]["samples"]
     on = nodes["Flux2KitSampler"].execute(transformer=load(nodes, t), conditioning=c, **GEN).result[0]["samples"]
-    off = nodes["Flux2KitSampler"].execute(transformer=load(nodes, t, enabled=False), conditioning=c,
-                                           **GEN).result[0]["samples"]
+    switched_off = load(nodes, t, enabled=False)
+    assert "off (enabled is false)" in shown[-1]  # the LoRA node's text (the Sampler then shows its own notes)
+    off = nodes["Flux2KitSampler"].execute(transformer=switched_off, conditioning=c, **GEN).result[0]["samples"]
     assert torch.equal(off, plain) and rel(on, plain) > 1e-3
-    assert "off (enabled is false)" in shown[-1]
     merged = nodes["Flux2KitSampler"].execute(transformer=load(nodes, t, mode="merge"), conditioning=c,
                                               **GEN).result[0]["samples"]
     assert rel(merged, on) < 0.05  # FP8 re-rounded: close, not equal (measured in tests/pipelines)

@@ -25,11 +25,13 @@ def load(path):
 
 @pytest.fixture(scope="module")
 def schemas(comfy):
-    """node id -> class: flux2kit's nodes and the headless runner's LoadImage (ComfyUI core's inputs)."""
+    """node id -> class: flux2kit's nodes and the headless runner's core nodes (LoadImage, GrowMask,
+    ImagePadForOutpaint: ComfyUI core's inputs)."""
+    from flux2kit.cli.core_nodes import core_nodes
     from flux2kit.cli.local_runner import load_image_node
     from flux2kit import nodes as pack
 
-    classes = {cls.define_schema().node_id: cls for cls in pack.node_list()}
+    classes = {cls.define_schema().node_id: cls for cls in [*pack.node_list(), *core_nodes()]}
     classes["LoadImage"] = load_image_node()
     return classes
 
@@ -59,13 +61,14 @@ def control_widgets(cls):
 
 def test_every_workflow_has_a_twin():
     assert STEMS == ["api_two_references", "generate_text_to_image", "generate_three_reference_edit",
-                     "gguf_text_to_image", "json_prompt_palette", "lora_text_to_image", "prompt_upsample_reference",
+                     "gguf_text_to_image", "image_to_image", "inpaint", "json_prompt_palette", "lora_text_to_image",
+                     "multi_reference_cached", "outpaint", "prompt_upsample_reference",
                      "text_to_image", "three_reference_edit"]
     assert [os.path.splitext(os.path.basename(p))[0] for p in API_FILES] == STEMS
 
 
 def check_api_workflow(wf, schemas):
-    """An API workflow: node types exist, each input exists on its node, links join sockets of the same type,
+    """An API workflow: node types exist, each input exists on its node, links join sockets of one type,
     values are allowed, and every node feeds an output."""
     from flux2kit.cli.workflow.graph import needed_nodes
 
@@ -85,7 +88,8 @@ def check_api_workflow(wf, schemas):
             if isinstance(value, list):  # a link [node id, output slot]
                 src = wf[value[0]]
                 src_outputs = [o.get_io_type() for o in schemas[src["class_type"]].define_schema().outputs]
-                assert src_outputs[value[1]] == io_type, f"#{nid}.{name}: {src_outputs[value[1]]} into {io_type}"
+                # a socket of several types ("A,B") takes any of them
+                assert src_outputs[value[1]] in io_type.split(","), f"#{nid}.{name}: {src_outputs[value[1]]} into {io_type}"
                 continue
             assert io_type in WIDGET_TYPES, f"#{nid}.{name} is a {io_type} socket with a value"
             if (ct, name) in LOADER_MODEL_INPUTS:
@@ -166,7 +170,7 @@ def _link_source(ui, node, name):
 @pytest.mark.parametrize("stem", STEMS)
 def test_workflow_files_fit_the_node_schemas(stem, schemas, object_info):
     """Every file in workflows/ (the UI file and its API twin) against the node schemas as the pack registers
-    them: node types exist, each input exists on its node, each link joins sockets of the same type, and the
+    them: node types exist, each input exists on its node, each link joins sockets of one type, and the
     UI file's widget values sit in the schemas' widget order (value by value equal to the API twin's)."""
     from flux2kit.cli.workflow.convert import ui_to_api
     from flux2kit.cli.workflow.files import read_workflow
@@ -191,7 +195,9 @@ def test_workflow_files_fit_the_node_schemas(stem, schemas, object_info):
         name = nodes[dst]["inputs"][dst_slot]["name"]
         live = {i["name"]: None for i in nodes[dst]["inputs"]} | api[str(dst)]["inputs"]
         into = node_inputs(schemas[nodes[dst]["type"]], live)[name][0]
-        assert out == into == link_type, f"link {link_id}: #{src} output {src_slot} ({out}) -> #{dst}.{name} ({into})"
+        # a socket of several types ("A,B", ComfyUI's MultiType) takes any of them, as ComfyUI validates links
+        assert out == link_type and out in into.split(","), (
+            f"link {link_id}: #{src} output {src_slot} ({out}) -> #{dst}.{name} ({into})")
     check_ui_widget_order(ui, api, object_info, complete=True)
     assert ui_to_api(ui, object_info) == api  # the project's converter reads the same order
 
@@ -214,7 +220,7 @@ def test_ui_workflow_is_valid_0_4(stem, schemas):
     for link_id, src, src_slot, dst, dst_slot, link_type in ui["links"]:
         out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
         assert link_id in out["links"] and inp["link"] == link_id
-        assert out["type"] == inp["type"] == link_type
+        assert out["type"] == link_type and link_type in inp["type"].split(",")  # "A,B": a socket of several types
     for n in ui["nodes"]:
         for inp in n["inputs"]:
             if inp["link"] is not None:
@@ -291,20 +297,37 @@ def test_ui_and_api_twins_describe_the_same_graph(stem, schemas):
         assert node["inputs"] == expected[nid]["inputs"], nid
 
 
+DEV_FILES = {"Flux2KitTransformerLoader": "flux2_dev_fp8mixed.safetensors", "Flux2KitTextEncoderLoader": "FLUX.2-dev/",
+             "Flux2KitVAELoader": "flux2-vae.safetensors"}
+KLEIN_KV_FILES = {"Flux2KitTransformerLoader": "flux-2-klein-9b-kv.safetensors",
+                  "Flux2KitTextEncoderLoader": "qwen_3_8b.safetensors", "Flux2KitVAELoader": "flux2-vae.safetensors"}
+EDITS = {  # stem -> (runner, start image, mask source, denoise)
+    "image_to_image": ("Flux2KitSampler", "flux2kit_cottage.png", None, 0.75),
+    "inpaint": ("Flux2KitSampler", "flux2kit_cottage_inpaint.png", "GrowMask", 1.0),
+    "outpaint": ("Flux2KitGenerate", "flux2kit_cottage.png", "ImagePadForOutpaint", 1.0),
+}
+
+
 @pytest.mark.parametrize("stem", [s for s in STEMS if not s.startswith("api_")])  # API defaults: test_api_node.py
 def test_defaults_show_flux2(stem):
-    """28 steps, guidance 4, 1 MP, png; references named by number in the edit prompts."""
+    """[dev]: 28 steps, guidance 4; [klein] 9B KV: 4 steps, no guidance; 1 MP, png; references named by number in
+    the edit prompts; the editing workflows start from the shipped example images."""
     api = load(os.path.join(ROOT, "api", f"{stem}.json"))
     samplers = [n["inputs"] for n in api.values() if n["class_type"] in ("Flux2KitSampler", "Flux2KitGenerate")]
     assert len(samplers) == 1
     s = samplers[0]
-    assert (s["num_inference_steps"], s["guidance"], s["resolution"], s["width"], s["height"]) == (28, 4.0, "1 MP", 0, 0)
+    kv = stem == "multi_reference_cached"
+    assert (s["num_inference_steps"], s["guidance"], s["resolution"], s["width"], s["height"]) == (
+        (4, 1.0) if kv else (28, 4.0)) + ("1 MP", 0, 0)
     prompt = next(n["inputs"]["prompt"] for n in api.values() if "prompt" in n["inputs"])
     encoders = [n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitReferenceEncode"]
     refs = [k for inputs in [s, *encoders] for k in inputs if k.startswith("images.")]
     if "three_reference" in stem:
         assert sorted(refs) == ["images.image_1", "images.image_2", "images.image_3"]
         assert all(f"image {i}" in prompt for i in (1, 2, 3)) and s["aspect_ratio"] == "match_input_image"
+    elif kv:
+        assert sorted(refs) == ["images.image_1", "images.image_2"] and s["reference_cache"] == "auto"
+        assert all(f"image {i}" in prompt for i in (1, 2)) and s["aspect_ratio"] == "match_input_image"
     elif stem == "prompt_upsample_reference":  # one reference, read by the upsampler and the sampler
         assert refs == ["images.image_1"] and s["aspect_ratio"] == "match_input_image"
         upsampler = next(n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitPromptUpsample")
@@ -318,5 +341,15 @@ def test_defaults_show_flux2(stem):
                                "Flux2KitTextEncoderLoader": "Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf",
                                "Flux2KitVAELoader": "flux2-vae.safetensors"}
         return
-    assert model_names == {"Flux2KitTransformerLoader": "flux2_dev_fp8mixed.safetensors",
-                           "Flux2KitTextEncoderLoader": "FLUX.2-dev/", "Flux2KitVAELoader": "flux2-vae.safetensors"}
+    assert model_names == (KLEIN_KV_FILES if kv else DEV_FILES)
+    if kv:
+        loader = next(n["inputs"] for n in api.values() if n["class_type"] == "Flux2KitTransformerLoader")
+        assert loader["klein_mode"] == "kv"
+    if stem in EDITS:
+        runner, image, mask_node, denoise = EDITS[stem]
+        node = next(n for n in api.values() if n["class_type"] == runner)["inputs"]
+        images = {n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"}
+        assert images == {image} and os.path.isfile(os.path.join(ROOT, "example_inputs", image))
+        assert node["denoise"] == denoise and node["paste_back"] is True and node["source_as_reference"] is True
+        assert (mask_node is None) == all(n["class_type"] not in ("GrowMask", "ImagePadForOutpaint")
+                                          for n in api.values())
