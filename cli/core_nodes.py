@@ -1,10 +1,10 @@
 """ComfyUI core nodes the shipped editing workflows use, for in-process runs without ComfyUI (as ``LoadImage`` in
-local_runner.py): Grow Mask and Image Pad for Outpainting.
+local_runner.py): Grow Mask, Feather Mask and Image Pad for Outpainting.
 
-Same node ids, inputs, defaults and results as core's (ComfyUI 0.29: ``GrowMask`` in comfy_extras/nodes_mask.py,
-``ImagePadForOutpaint`` in nodes.py); on a ComfyUI server its own nodes run. They are written here because
-ComfyUI is not a package the command line can depend on; tests/cli/test_real_comfyui_core_nodes.py checks
-them against the real ones.
+Same node ids, inputs, defaults and results as core's (ComfyUI 0.29: ``GrowMask`` and ``FeatherMask`` in
+comfy_extras/nodes_mask.py, ``ImagePadForOutpaint`` in nodes.py); on a ComfyUI server its own nodes run. They are
+written here because ComfyUI is not a package the command line can depend on;
+tests/cli/test_real_comfyui_core_nodes.py checks them against the real ones.
 """
 
 from __future__ import annotations
@@ -31,6 +31,33 @@ def grow_mask(mask, expand: int, tapered_corners: bool):
         else:
             m = F.max_pool2d(m, 3, stride=1, padding=1)
     return (m * sign).squeeze(1)
+
+
+def feather_mask(mask, left: int, top: int, right: int, bottom: int):
+    """Core's FeatherMask: the mask fades toward the picture's sides (not around the masked area): the k-th
+    column (row) from a side, k = 1..n, is multiplied by k / n, n clamped to the width (height); left, right, top,
+    bottom in that order, as core multiplies, so corners round as core's do."""
+    import torch
+
+    out = mask.reshape(-1, mask.shape[-2], mask.shape[-1]).clone()
+    h, w = out.shape[-2:]
+
+    def ramp(size, n, from_end):  # core's (k + 1.0) / n in double, stored in the mask's dtype when multiplied
+        r = torch.ones(size, dtype=torch.float64)
+        n = min(n, size)
+        if n:
+            k = (torch.arange(n, dtype=torch.float64) + 1) / n
+            if from_end:
+                r[size - n:] = k.flip(0)
+            else:
+                r[:n] = k
+        return r.to(out.dtype)
+
+    out *= ramp(w, left, False)
+    out *= ramp(w, right, True)
+    out *= ramp(h, top, False)[:, None]
+    out *= ramp(h, bottom, True)[:, None]
+    return out
 
 
 def pad_for_outpaint(image, left: int, top: int, right: int, bottom: int, feathering: int):
@@ -75,6 +102,20 @@ def core_nodes() -> list:
         def execute(cls, mask, expand, tapered_corners) -> io.NodeOutput:
             return io.NodeOutput(grow_mask(mask, expand, tapered_corners))
 
+    class FeatherMask(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            side = dict(default=0, min=0, max=MAX_RESOLUTION, step=1)
+            return io.Schema(node_id="FeatherMask", display_name="Feather Mask", category="image/mask",
+                             inputs=[io.Mask.Input("mask", tooltip="The mask to fade toward the picture's sides."),
+                                     *(io.Int.Input(name, **side, tooltip=f"Pixels of fade at the {name} side.")
+                                       for name in ("left", "top", "right", "bottom"))],
+                             outputs=[io.Mask.Output(display_name="MASK")])
+
+        @classmethod
+        def execute(cls, mask, left, top, right, bottom) -> io.NodeOutput:
+            return io.NodeOutput(feather_mask(mask, left, top, right, bottom))
+
     class ImagePadForOutpaint(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -92,4 +133,4 @@ def core_nodes() -> list:
         def execute(cls, image, left, top, right, bottom, feathering) -> io.NodeOutput:
             return io.NodeOutput(*pad_for_outpaint(image, left, top, right, bottom, feathering))
 
-    return [GrowMask, ImagePadForOutpaint]
+    return [GrowMask, FeatherMask, ImagePadForOutpaint]

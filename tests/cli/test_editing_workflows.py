@@ -108,6 +108,38 @@ def test_grow_mask_is_a_grey_dilation(comfy, expand, tapered):
     np.testing.assert_array_equal(out[0].numpy(), naive_grow(mask, expand, tapered))
 
 
+def naive_feather(mask, left, top, right, bottom):
+    """Core's Feather Mask by hand: the n-th pixel from a side (n = 1 at the side) times n / size, size capped at
+    the mask's width (height); the four fades in core's order (left, right, top, bottom), each factor in float32."""
+    h, w = mask.shape
+    left, right, top, bottom = min(left, w), min(right, w), min(top, h), min(bottom, h)
+    out = mask.copy()
+    for y in range(h):
+        for x in range(w):
+            v = out[y, x]
+            for n, size in ((x + 1, left), (w - x, right), (y + 1, top), (h - y, bottom)):
+                if n <= size:
+                    v = np.float32(v * np.float32(n / size))
+            out[y, x] = v
+    return out
+
+
+@pytest.mark.parametrize("sides", [(3, 2, 4, 1), (0, 5, 0, 0), (20, 3, 9, 30)])  # the last exceeds 9 x 7: capped
+def test_feather_mask_fades_toward_the_sides(comfy, sides):
+    from flux2kit.cli.core_nodes import core_nodes
+
+    feather = {c.define_schema().node_id: c for c in core_nodes()}["FeatherMask"]
+    mask = np.random.default_rng(1).uniform(0.2, 1.0, size=(9, 7)).astype(np.float32)
+    out = feather.execute(torch.from_numpy(mask)[None], *sides).result[0]
+    assert out.shape == (1, 9, 7) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out[0].numpy(), naive_feather(mask, *sides))
+    if sides == (20, 3, 9, 30):  # capped: the same as feathering by the whole width (height)
+        capped = feather.execute(torch.from_numpy(mask)[None], 7, 3, 7, 9).result[0]
+        assert torch.equal(out, capped)
+        assert out[0, 0, 0] == np.float32(np.float32(np.float32(mask[0, 0] * np.float32(1 / 7)) * np.float32(7 / 7))
+                                          * np.float32(1 / 3))  # left 1/7, right 7/7, top 1/3, bottom 9/9
+
+
 def test_pad_for_outpaint_is_cores(comfy):
     """Against core's own loop (nodes.py ImagePadForOutpaint.expand_image, transcribed)."""
     from flux2kit.cli.core_nodes import core_nodes
