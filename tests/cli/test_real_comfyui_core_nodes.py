@@ -1,5 +1,5 @@
-"""The core nodes the in-process runner stands in for (cli/core_nodes.py: Grow Mask, Pad Image for Outpainting)
-against core ComfyUI's own, in a real ComfyUI (``COMFYUI_PATH``). Skipped without it (DEVELOPERS.md)."""
+"""The core nodes the in-process runner stands in for (cli/core_nodes.py: Grow Mask, Feather Mask, Pad Image for
+Outpainting) against core ComfyUI's own, in a real ComfyUI (``COMFYUI_PATH``). Skipped without it (DEVELOPERS.md)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ def saved_image(server, run, node_id):
 
 
 def test_the_local_runners_core_nodes_equal_cores(comfyui):
-    """GrowMask and ImagePadForOutpaint give what core ComfyUI's give (compared as saved images), on the inpaint
-    example image (installed into ComfyUI's input folder by the pack: its transparency is Load Image's MASK)."""
+    """GrowMask, FeatherMask and ImagePadForOutpaint give what core ComfyUI's give (compared as saved images), on
+    the inpaint example image (installed into ComfyUI's input folder by the pack: its transparency is Load Image's
+    MASK). Feather Mask fades the padded mask (1 at the sides), its right side wider than the canvas (capped)."""
     import torch
 
-    from flux2kit.cli.core_nodes import grow_mask, pad_for_outpaint
+    from flux2kit.cli.core_nodes import feather_mask, grow_mask, pad_for_outpaint
     from flux2kit.cli.local_runner import load_image
 
     assert (comfyui.input_dir / INPAINT_EXAMPLE.name).read_bytes() == INPAINT_EXAMPLE.read_bytes()
@@ -46,7 +47,10 @@ def test_the_local_runners_core_nodes_equal_cores(comfyui):
          "5": node("ImagePadForOutpaint", image=["1", 0], left=64, top=16, right=32, bottom=0, feathering=24),
          "6": node("MaskToImage", mask=["5", 1]),
          "7": node("SaveImage", images=["6", 0], filename_prefix="flux2kit/core_pad_mask"),
-         "8": node("SaveImage", images=["5", 0], filename_prefix="flux2kit/core_pad_image")}
+         "8": node("SaveImage", images=["5", 0], filename_prefix="flux2kit/core_pad_image"),
+         "9": node("FeatherMask", mask=["5", 1], left=40, top=8, right=600, bottom=12),
+         "10": node("MaskToImage", mask=["9", 0]),
+         "11": node("SaveImage", images=["10", 0], filename_prefix="flux2kit/core_feather")}
     run = comfyui.run(g)
     assert run.ok, run.describe()
     image, mask = load_image(str(INPAINT_EXAMPLE))
@@ -59,4 +63,7 @@ def test_the_local_runners_core_nodes_equal_cores(comfyui):
     assert np.array_equal(saved_image(comfyui, run, "4"), as_saved(grow_mask(mask, 6, True)))
     assert np.array_equal(saved_image(comfyui, run, "7"), as_saved(pad_mask))
     assert np.array_equal(saved_image(comfyui, run, "8"), as_saved(canvas))
+    feathered = feather_mask(pad_mask, 40, 8, 600, 12)
+    assert np.array_equal(saved_image(comfyui, run, "11"), as_saved(feathered))
+    assert not np.array_equal(as_saved(feathered), as_saved(pad_mask))
     assert torch.count_nonzero(pad_mask) > 0
