@@ -250,8 +250,8 @@ class LocalRunner:
         cls = self.classes.get(node["class_type"])
         if cls is None:
             raise NodeError(nid, node["class_type"], "unknown node type. Without ComfyUI, flux2kit runs its own "
-                            "nodes and LoadImage, GrowMask and ImagePadForOutpaint; run other nodes on a ComfyUI "
-                            "server with --server URL.")
+                            "nodes and LoadImage, GrowMask, FeatherMask and ImagePadForOutpaint; run other nodes on a "
+                            "ComfyUI server with --server URL.")
         finalized, _, v3_data = io.get_finalized_class_inputs(self._schema(node["class_type"])[1], node["inputs"])
         return cls, finalized, v3_data
 
