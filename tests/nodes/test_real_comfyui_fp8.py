@@ -239,6 +239,31 @@ def check_comfyui_reads_our_text_encoder(tmp_path, path, config, prompt: str) ->
     return err, info
 
 
+_CONVERTER_CHECK = """
+import inspect, sys
+try:
+    from transformers.integrations.mistral import MistralConverter
+except ImportError:
+    from transformers.models.pixtral.convert_pixtral_weights_to_hf import MistralConverter
+sys.exit(0 if "vocab" in inspect.signature(MistralConverter.__init__).parameters else 1)
+"""
+
+
+@pytest.fixture(scope="module")
+def comfyui_builds_mistral_tokenizers():
+    """ComfyUI 0.29 builds FLUX.2 [dev]'s Mistral tokenizer with ``MistralConverter(vocab=...)``, which
+    transformers 5.15 replaced by a vocabulary-file argument (fixed in later ComfyUI, Comfy-Org/ComfyUI#15503):
+    with such a transformers its own text-encoder loader fails on every FLUX.2 [dev] file, ours or BFL's, before
+    reading a weight. Skip (naming the fix) rather than fail on ComfyUI's own bug; DEVELOPERS.md says how to run
+    these tests (transformers < 5.15 in ComfyUI's venv)."""
+    python = comfyui_python(comfyui_path())
+    if subprocess.run([python, "-c", _CONVERTER_CHECK], capture_output=True, timeout=120).returncode:
+        pytest.skip("this ComfyUI cannot build a Mistral tokenizer with the transformers in its venv "
+                    "(MistralConverter takes a vocabulary file since transformers 5.15; Comfy-Org/ComfyUI#15503): "
+                    "install transformers<5.15 there to run this test")
+
+
+@pytest.mark.usefixtures("comfyui_builds_mistral_tokenizers")
 def test_comfyui_text_encoder_loader_reads_a_file_flux2kit_quantize_wrote(quantized_mistral, tmp_path):
     """``flux2kit quantize`` of a Mistral-Small-3 folder, loaded by ComfyUI's own text-encoder loader
     (comfy.sd.load_clip with CLIPType.FLUX2, what Load CLIP with type flux2 calls) and encoded as CLIP Text Encode
@@ -261,6 +286,7 @@ def test_comfyui_text_encoder_loader_reads_a_file_flux2kit_quantize_wrote(quanti
     assert info["by_width"] == "TEModel.LLAMA3_8"  # what the unmodified loader takes this file for
 
 
+@pytest.mark.usefixtures("comfyui_builds_mistral_tokenizers")
 def test_text_encoder_check_catches_fp8_layers_unmarked(quantized_mistral, tmp_path):
     """Mutation: the FP8 file without what marks its FP8 layers (no comfy_quant tensors, no header entry): ComfyUI
     then takes the FP8 numbers as plain weights and drops the scales, and the check above fails."""
