@@ -54,8 +54,13 @@ def pixels(server, run):
 def test_upsampling_workflow_runs_and_text_encode_uses_its_text(comfyui):
     import numpy as np
 
-    comfyui.upload_image("flux2kit_person.png", png_bytes(96, 64, seed=3))
+    # its own picture under its own name: the shipped example flux2kit_person.png, which the pack put in the
+    # input folder, stays as it is for the other tests on this server
+    comfyui.upload_image("flux2kit_test_upsample_reference.png", png_bytes(96, 64, seed=3))
     prompt = on_demo_models(comfyui.model_names)
+    for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "flux2kit_test_upsample_reference.png"
     upsampler = next(k for k, v in prompt.items() if v["class_type"] == "Flux2KitPromptUpsample")
     encode = next(k for k, v in prompt.items() if v["class_type"] == "Flux2KitTextEncode")
     assert prompt[encode]["inputs"]["prompt"] == [upsampler, 0]
