@@ -6,6 +6,7 @@ survive a different machine; nothing here decides pass or fail.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -293,3 +294,26 @@ def dev_proportions(heads: int, *, text_width: int | None = None) -> dict:
     width = heads * 128
     return dict(num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=heads,
                 joint_attention_dim=text_width or 3 * width, guidance_embeds=True)
+
+
+def add_forward_arguments(p: argparse.ArgumentParser, *, files: str = "model files") -> None:
+    """The arguments every transformer-forward benchmark takes (model size, inputs, threads, rounds)."""
+    p.add_argument("--runs", type=int, default=5, help="timed forwards per contender (median reported)")
+    p.add_argument("--heads", type=int, default=6, help="attention heads of 128; 6 -> width 768, ~0.5B params")
+    p.add_argument("--image-size", type=int, default=256, help="square image side in pixels; 16 px per token")
+    p.add_argument("--text-len", type=int, default=128, help="text tokens (the real model uses 512)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--workdir", help=f"where the {files} go (default: a temporary folder, removed after)")
+    p.add_argument("--quick", action="store_true", help="tiny model and inputs, 2 runs: checks the script works")
+
+
+def print_report(title: str, run: Callable[[], tuple[list["Row"], list[str]]]) -> int:
+    """Run the measurements, then print the machine, the table, the notes and the total time."""
+    start = time.perf_counter()
+    rows, notes = run()
+    print(f"# {title}: {machine_facts()}")
+    print(table(rows))
+    for note in notes:
+        print(f"# {note}")
+    print(f"# total {time.perf_counter() - start:.0f} s")
+    return 0

@@ -31,8 +31,8 @@ import time
 
 # _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
 from _common import (
-    Row, RssMeter, Timings, dev_proportions, gib, interleaved_times, load_average, machine_facts, print_result, ratio,
-    run_measurements, table,
+    Row, RssMeter, Timings, add_forward_arguments, dev_proportions, gib, interleaved_times, load_average,
+    print_report, print_result, ratio, run_measurements,
 )
 from transformer_forward import QUICK, inputs, ours_forward
 
@@ -42,18 +42,12 @@ COUNTS = (1, 3)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=5, help="timed forwards per contender (median reported)")
-    p.add_argument("--heads", type=int, default=6, help="attention heads of 128; 6 -> width 768, ~0.5B params")
+    add_forward_arguments(p, files='files')
     p.add_argument("--weights", choices=("fp8", "bf16"), default="fp8",
                    help="the base file: ComfyUI FP8 (kept FP8) or BFL bf16 (run in fp32)")
-    p.add_argument("--image-size", type=int, default=256, help="square image side in pixels; 16 px per token")
-    p.add_argument("--text-len", type=int, default=128, help="text tokens (the real model uses 512)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="time forwards by wall clock, or by this process's CPU time (for a busy shared machine; "
                         "best with --threads 1)")
-    p.add_argument("--workdir", help="where the files go (default: a temporary folder, removed after)")
-    p.add_argument("--quick", action="store_true", help="tiny model and inputs, 2 runs: checks the script works")
     p.add_argument("--measure-memory", choices=SCENARIOS, help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--loras", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -269,14 +263,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         print_result(measure_memory(args.measure_memory, args.path, args.loras, args.image_size, args.text_len))
         return 0
-    start = time.perf_counter()
-    rows, notes = run(args)
-    print(f"# LoRA forward{' (--quick)' if args.quick else ''}, {args.clock} clock: {machine_facts()}")
-    print(table(rows))
-    for note in notes:
-        print(f"# {note}")
-    print(f"# total {time.perf_counter() - start:.0f} s")
-    return 0
+    return print_report(f"LoRA forward{' (--quick)' if args.quick else ''}, {args.clock} clock", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import time
 
 # _common is a sibling: `python bench/<script>.py` puts bench/ on sys.path
 from _common import (
-    Row, RssMeter, Timings, contention_report, dev_proportions, gib, interleaved_times, load_average, machine_facts,
-    print_result, ratio, run_measurements, table,
+    Row, RssMeter, Timings, add_forward_arguments, contention_report, dev_proportions, gib, interleaved_times,
+    load_average, print_report, print_result, ratio, run_measurements,
 )
 
 QUICK = dict(num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=2,
@@ -36,13 +36,7 @@ QUICK = dict(num_layers=1, num_single_layers=2, attention_head_dim=128, num_atte
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=5, help="timed forwards per contender (median reported)")
-    p.add_argument("--heads", type=int, default=6, help="attention heads of 128; 6 -> width 768, ~0.5B params")
-    p.add_argument("--image-size", type=int, default=256, help="square image side in pixels; 16 px per token")
-    p.add_argument("--text-len", type=int, default=128, help="text tokens (the real model uses 512)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--workdir", help="where the model files go (default: a temporary folder, removed after)")
-    p.add_argument("--quick", action="store_true", help="tiny model and inputs, 2 runs: checks the script works")
+    add_forward_arguments(p)
     p.add_argument("--measure-load", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -228,14 +222,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         print_result(measure_load(args.measure_load, args.path, args.image_size, args.text_len))
         return 0
-    start = time.perf_counter()
-    rows, notes = run(args)
-    print(f"# transformer forward{' (--quick)' if args.quick else ''}: {machine_facts()}")
-    print(table(rows))
-    for note in notes:
-        print(f"# {note}")
-    print(f"# total {time.perf_counter() - start:.0f} s")
-    return 0
+    return print_report(f"transformer forward{' (--quick)' if args.quick else ''}", lambda: run(args))
 
 
 if __name__ == "__main__":
