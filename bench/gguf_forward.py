@@ -33,9 +33,8 @@ from _common import (
     Row, RssMeter, Timings, add_forward_arguments, dev_proportions, gib, interleaved_times, load_average,
     print_report, print_result, ratio, run_measurements,
 )
-
-QUICK = dict(num_layers=1, num_single_layers=2, attention_head_dim=128, num_attention_heads=2,
-             joint_attention_dim=384, guidance_embeds=True)
+# the same model, tokens and forward calls as the FP8 benchmark
+from transformer_forward import QUICK, diffusers_forward, inputs, ours_forward
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,27 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def inputs(text_width: int, image_size: int, text_len: int, seed: int = 1) -> dict:
-    import torch
-
-    from flux2kit.pipelines.generation import sampling
-
-    side = max(1, image_size // 16)
-    g = torch.Generator().manual_seed(seed)
-    return dict(latents=torch.randn(1, side * side, 128, generator=g), latent_ids=sampling.latent_ids(1, side, side),
-                text=torch.randn(1, text_len, text_width, generator=g), text_ids=sampling.text_ids(1, text_len),
-                sigma=torch.full((1,), 0.7), guidance=torch.full((1,), 4.0))
-
-
-def ours_forward(t, x):
-    return t(x["latents"], x["latent_ids"], x["text"], x["text_ids"], x["sigma"], x["guidance"])
-
-
-def diffusers_forward(model, x):
-    return model(hidden_states=x["latents"], encoder_hidden_states=x["text"], timestep=x["sigma"],
-                 img_ids=x["latent_ids"], txt_ids=x["text_ids"], guidance=x["guidance"], return_dict=False)[0]
 
 
 # -- files ------------------------------------------------------------------------------------------
